@@ -1,0 +1,188 @@
+"""Model checkpoints as `.safetensors` with validated metadata; `.pth` import through weights_only.
+
+Metadata (all strings, as safetensors requires): arch, num_classes, input_size, mean, std, dataset,
+and when known test_acc; any further keys (epochs, tau_mode, loss ...) are kept as extras.
+Nothing is ever unpickled except through `torch.load(weights_only=True)` in `import_pth`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from dfkd.errors import DfkdError
+from dfkd.models import create_model, model_spec
+from dfkd.rundir import atomic_write_bytes
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+_REQUIRED = ("arch", "num_classes", "mean", "std", "dataset")
+_CORE = set(_REQUIRED) | {"input_size", "test_acc"}
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint says about itself; `extra` holds keys beyond the core ones."""
+
+    arch: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dataset: str
+    input_size: int = 32
+    test_acc: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        out = {
+            "arch": self.arch,
+            "num_classes": str(self.num_classes),
+            "input_size": str(self.input_size),
+            "mean": ",".join(f"{v:g}" for v in self.mean),
+            "std": ",".join(f"{v:g}" for v in self.std),
+            "dataset": self.dataset,
+        }
+        if self.test_acc is not None:
+            out["test_acc"] = f"{self.test_acc:.2f}"
+        out.update({k: str(v) for k, v in self.extra.items()})
+        return out
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str] | None, source: str) -> "CheckpointMeta":
+        raw = raw or {}
+        missing = [k for k in _REQUIRED if k not in raw]
+        if missing:
+            raise DfkdError(
+                f"checkpoint {source} lacks metadata {', '.join(missing)}: re-save it with dfkd "
+                "(dfkd checkpoint import for .pth files)"
+            )
+        try:
+            mean = tuple(float(v) for v in raw["mean"].split(","))
+            std = tuple(float(v) for v in raw["std"].split(","))
+            num_classes = int(raw["num_classes"])
+            arch = raw["arch"]
+            input_size = int(raw.get("input_size", model_spec(arch).input_size))
+            test_acc = float(raw["test_acc"]) if raw.get("test_acc") not in (None, "") else None
+        except ValueError as exc:
+            raise DfkdError(f"checkpoint {source} has malformed metadata ({exc}): re-save it with dfkd") from None
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise DfkdError(f"checkpoint {source} needs 3 means and 3 positive stds, got {raw['mean']} / {raw['std']}")
+        extra = {k: v for k, v in raw.items() if k not in _CORE}
+        return cls(arch, num_classes, mean, std, raw["dataset"], input_size, test_acc, extra)  # type: ignore[arg-type]
+
+
+def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and BN buffers, minus `num_batches_tracked` (the public checkpoints omit it)."""
+    return {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+
+
+def checkpoint_bytes(model: nn.Module, meta: CheckpointMeta) -> bytes:
+    return st_save(_state_for_saving(model), metadata=meta.to_strings())
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> str:
+    """Write model + metadata atomically to `path`; returns the file's sha256."""
+    return atomic_write_bytes(Path(path), checkpoint_bytes(model, meta))
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    """Read and validate only the metadata of a `.safetensors` checkpoint."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DfkdError(f"checkpoint {path} is corrupt or truncated ({exc}): re-create or re-download it") from None
+    meta = CheckpointMeta.from_strings(raw, str(path))
+    model_spec(meta.arch)
+    return meta
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DfkdError(f"checkpoint {path} does not exist: pass the path of a .safetensors file")
+    if path.suffix != ".safetensors":
+        raise DfkdError(f"{path} is not a .safetensors file: convert .pth files with `dfkd checkpoint import`")
+    return path
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, naming missing/extra keys and shape mismatches in the error."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        raise DfkdError(f"checkpoint {source} does not fit the architecture: {'; '.join(parts)}")
+    bad = [f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if given[k].shape != v.shape]
+    if bad:
+        raise DfkdError(f"checkpoint {source} has tensors of the wrong shape (file vs model): {', '.join(bad[:3])}")
+    model.load_state_dict(given, strict=False)
+
+
+def load_checkpoint(
+    path: Path,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Load a validated checkpoint into a fresh model in eval mode.
+
+    `arch` / `num_classes`, when given, must match the metadata; any mismatch is a `DfkdError`.
+    """
+    path = _existing(path)
+    data = path.read_bytes()
+    meta = read_meta(path)
+    if arch is not None and meta.arch != arch:
+        raise DfkdError(f"checkpoint {path} holds a {meta.arch}, not the requested {arch}: pass a {arch} checkpoint")
+    if num_classes is not None and meta.num_classes != num_classes:
+        raise DfkdError(
+            f"checkpoint {path} has {meta.num_classes} classes, but {num_classes} are required: "
+            "pass a checkpoint for the same dataset"
+        )
+    try:
+        state = st_load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise DfkdError(f"checkpoint {path} is corrupt or truncated ({exc}): re-create or re-download it") from None
+    model = create_model(meta.arch, meta.num_classes)
+    load_state_into(model, state, str(path))
+    return model.to(device).eval(), meta
+
+
+def import_pth(src: Path, dst: Path, meta: CheckpointMeta) -> str:
+    """Convert a `.pth` (a bare state dict or `{"state_dict": ...}`) into a validated `.safetensors`.
+
+    The pickle is read with `weights_only=True`, which refuses anything but tensors and plain containers.
+    Returns the new file's sha256.
+    """
+    src = Path(src)
+    if not src.is_file():
+        raise DfkdError(f"{src} does not exist: pass the path of a .pth file")
+    try:
+        obj = torch.load(io.BytesIO(src.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+        raise DfkdError(f"{src} is not a weights-only PyTorch file ({type(exc).__name__}): export its state_dict") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DfkdError(f"{src} holds no state dict of tensors: save model.state_dict() and import that")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = create_model(meta.arch, meta.num_classes)
+    load_state_into(model, state, str(src))
+    return save_checkpoint(Path(dst), model, meta)

@@ -1,0 +1,5 @@
+"""The one exception type a user can cause; the CLI prints its message as one line and exits 2."""
+
+
+class DfkdError(Exception):
+    """An error caused by the user's input, with a message that names the problem and the fix."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: the reference checkpoints and the JPEG CIFAR-10 copy from ../shared.
+
+Tests that need them are skipped with a reason when ../shared is absent (CI clones beside it).
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("DFKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} (the shared reference data) is not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def reference_teacher(shared_dir: Path) -> Path:
+    """The reference WRN-40-2 trained on the JPEG CIFAR-10 copy (91.18 % fp32 on CPU)."""
+    return shared_dir / "reference" / "wrn40_2_cifar10jpeg.safetensors"
+
+
+@pytest.fixture(scope="session")
+def reference_student(shared_dir: Path) -> Path:
+    """The reference WRN-16-1 trained on the real images (87.04 % fp32 on CPU)."""
+    return shared_dir / "reference" / "wrn16_1_cifar10jpeg.safetensors"
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The JPEG CIFAR-10 copy extracted once per test session: an ImageFolder root with train/ and test/."""
+    target = tmp_path_factory.mktemp("cifar10-jpeg")
+    with tarfile.open(shared_dir / "data" / "cifar10-jpeg.tar.gz") as tar:
+        tar.extractall(target, filter="data")
+    return target / "cifar10-jpeg"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded-data caches go to a per-session temp folder, never the user's ~/.cache."""
+    monkeypatch.setenv("DFKD_CACHE", str(tmp_path_factory.getbasetemp() / "dfkd-cache"))
