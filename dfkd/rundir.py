@@ -210,12 +210,16 @@ class RunDir:
     def relative(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
+    def artifact_entry(self, path: Path, stage: str, role: str = "output", sha256: str | None = None) -> dict[str, Any]:
+        """`{relative path: {sha256, bytes, stage, role}}` for `path`, hashing it unless the hash is given."""
+        digest = sha256 or sha256_file(path)
+        return {self.relative(path): {"sha256": digest, "bytes": Path(path).stat().st_size, "stage": stage, "role": role}}
+
     def record_artifact(self, path: Path, stage: str, role: str = "output", sha256: str | None = None) -> str:
         """Hash `path` (unless its hash is given) and record it in the manifest; returns the sha256."""
-        digest = sha256 or sha256_file(path)
-        entry = {"sha256": digest, "bytes": Path(path).stat().st_size, "stage": stage, "role": role}
-        self.update_manifest(artifacts={self.relative(path): entry})
-        return digest
+        entry = self.artifact_entry(path, stage, role, sha256)
+        self.update_manifest(artifacts=entry)
+        return next(iter(entry.values()))["sha256"]
 
     def forget_artifacts(self, prefix: str) -> None:
         """Drop manifest entries under `prefix` (used by --overwrite before files are removed)."""

@@ -1,0 +1,327 @@
+"""The `dfkd` command: thin typer commands that parse, validate and call library functions."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, import_pth, read_meta
+from dfkd.config import CarbonConfig, apply_overrides, config_dict
+from dfkd.errors import DfkdError
+from dfkd.models import list_models, model_spec
+from dfkd.rundir import RunDir, sha256_file
+
+DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "checkpoints" / "wrn40_2_cifar10.safetensors"
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Data-free knowledge distillation with per-stage carbon accounting.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train a teacher on real data.")
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Inspect and import checkpoints.")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(checkpoint_app, name="checkpoint")
+
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    _state["debug"] = debug
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a `DfkdError` into one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DfkdError as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def carbon_config(pue: float, country: str, grid: Optional[float]) -> CarbonConfig:
+    return apply_overrides(CarbonConfig(), {"pue": pue, "country": country.upper(), "grid_g_per_kwh": grid}, "carbon setting")
+
+
+PUE = typer.Option(1.67, "--pue", help="Power usage effectiveness applied to measured energy (paper: 1.67).")
+COUNTRY = typer.Option("USA", "--country", help="ISO-3166 alpha-3 code of the grid (codecarbon offline energy mix).")
+GRID = typer.Option(None, "--grid-intensity", help="Explicit grid carbon intensity in g CO2eq/kWh (overrides --country).")
+JSON = typer.Option(False, "--json", help="Quiet machine-readable JSON on stdout.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")
+
+
+def default_run_dir(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2))
+
+
+@app.command("models")
+@user_errors
+def models_command(as_json: bool = JSON) -> None:
+    """List the registered model architectures."""
+    rows = [{"name": n, "description": model_spec(n).description, "params_at_10_classes": model_spec(n).params_at_10_classes} for n in list_models()]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "description", "params (10 classes)")
+    for row in rows:
+        table.add_row(row["name"], row["description"], f"{row['params_at_10_classes']:,}" if row["params_at_10_classes"] else "")
+    out.print(table)
+
+
+@teacher_app.command("train")
+@user_errors
+def teacher_train(
+    data: Path = typer.Option(..., "--data", help="CIFAR python folder or ImageFolder root with train/ and test/."),
+    out_path: Path = typer.Option(..., "--out", help="Where to write the .safetensors checkpoint."),
+    arch: str = typer.Option("wrn40_2", "--arch", help="Model architecture (see `dfkd models`)."),
+    epochs: int = typer.Option(200, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(0.1, "--lr", help="Learning rate at batch 128, scaled linearly with --batch-size."),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs"),
+    seed: int = typer.Option(0, "--seed"),
+    eval_every: int = typer.Option(10, "--eval-every", help="Report test accuracy every N epochs."),
+    train_subset: int = typer.Option(0, "--train-subset", help="Train on a class-balanced slice of N images (0 = all)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run dir for the ledger and manifest (default: runs/teacher-<arch>-<time>)."),
+    device: str = DEVICE,
+    pue: float = PUE,
+    country: str = COUNTRY,
+    grid: Optional[float] = GRID,
+    as_json: bool = JSON,
+) -> None:
+    """Train a teacher with the standard CIFAR recipe; metered as stage `teacher-training`."""
+    from dfkd.data import check_data_path
+    from dfkd.runtime import resolve_device
+    from dfkd.stages import run_metered
+    from dfkd.teacher import TeacherConfig, train_teacher
+
+    if out_path.suffix != ".safetensors":
+        raise DfkdError(f"--out {out_path} must end in .safetensors")
+    config = apply_overrides(
+        TeacherConfig(),
+        {
+            "arch": arch, "data": str(data), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "warmup_epochs": warmup_epochs, "seed": seed, "device": device, "eval_every": eval_every,
+            "train_subset": train_subset,
+        },
+        "teacher setting",
+    )
+    carbon = carbon_config(pue, country, grid)
+    torch_device = resolve_device(device)
+    check_data_path(data)
+    run_dir = RunDir.open(run or default_run_dir(f"teacher-{arch}"))
+    with run_dir.locked():
+        run_dir.update_manifest(carbon=config_dict(carbon))
+        report = run_metered(
+            run_dir, "teacher-training", carbon, torch_device, {"arch": arch},
+            lambda: train_teacher(config, out_path, run_dir, show_progress=not as_json),
+        )
+    summary = {"checkpoint": str(out_path), "test_acc": report.result["test_acc"], "run": str(run_dir.root)}
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(f"wrote {out_path} (test accuracy {report.result['test_acc']:.2f} %); ledger in {run_dir.ledger_path}")
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_command(
+    model: Path = typer.Argument(..., help="A .safetensors checkpoint."),
+    data: Path = typer.Option(..., "--data", help="Dataset whose test split is used."),
+    device: str = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """Top-1 accuracy, per-class precision/recall/F1, Cohen's kappa and the confusion matrix."""
+    from dfkd.evaluate import evaluate_checkpoint
+    from dfkd.runtime import resolve_device
+
+    metrics = evaluate_checkpoint(model, data, resolve_device(device))
+    if as_json:
+        print_json(metrics)
+        return
+    out.print(f"[bold]{model}[/bold] on {metrics['data']}: top-1 {metrics['accuracy']:.2f} %  kappa {metrics['kappa']:.4f}  ({metrics['count']} images)")
+    table = Table("class", "precision", "recall", "F1", "support", title="per class")
+    for row in metrics["per_class"]:
+        table.add_row(row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    table.add_row("macro", f"{metrics['macro_precision']:.4f}", f"{metrics['macro_recall']:.4f}", f"{metrics['macro_f1']:.4f}", str(metrics["count"]))
+    out.print(table)
+    names = [row["name"][:6] for row in metrics["per_class"]]
+    confusion = Table("true \\ pred", *names, title="confusion matrix")
+    for name, counts in zip(names, metrics["confusion_matrix"]):
+        confusion.add_row(name, *map(str, counts))
+    out.print(confusion)
+
+
+@checkpoint_app.command("info")
+@user_errors
+def checkpoint_info(path: Path = typer.Argument(..., help="A .safetensors checkpoint."), as_json: bool = JSON) -> None:
+    """Print a checkpoint's validated metadata and sha256."""
+    meta = read_meta(path)
+    info = {**meta.to_strings(), "sha256": sha256_file(path), "path": str(path)}
+    if as_json:
+        print_json(info)
+        return
+    table = Table("key", "value", title=str(path))
+    for key, value in info.items():
+        table.add_row(key, value)
+    out.print(table)
+
+
+@checkpoint_app.command("import")
+@user_errors
+def checkpoint_import(
+    src: Path = typer.Argument(..., help="A .pth file: a bare state dict or {'state_dict': ...}."),
+    dst: Path = typer.Argument(..., help="The .safetensors file to write."),
+    arch: str = typer.Option(..., "--arch", help="Architecture the weights belong to."),
+    num_classes: int = typer.Option(10, "--num-classes"),
+    dataset: str = typer.Option("cifar10", "--dataset"),
+    mean: str = typer.Option(",".join(map(str, CIFAR10_MEAN)), "--mean", help="Input normalisation mean, 3 values."),
+    std: str = typer.Option(",".join(map(str, CIFAR10_STD)), "--std", help="Input normalisation std, 3 values."),
+    test_acc: Optional[float] = typer.Option(None, "--test-acc", help="Known test accuracy in %, recorded in metadata."),
+    as_json: bool = JSON,
+) -> None:
+    """Convert a .pth checkpoint (loaded with weights_only=True) to a validated .safetensors."""
+    if dst.suffix != ".safetensors":
+        raise DfkdError(f"destination {dst} must end in .safetensors")
+    model_spec(arch)
+    meta = CheckpointMeta.from_strings(
+        {"arch": arch, "num_classes": str(num_classes), "mean": mean, "std": std, "dataset": dataset,
+         **({"test_acc": str(test_acc)} if test_acc is not None else {})},
+        "given on the command line",
+    )
+    digest = import_pth(src, dst, meta)
+    if as_json:
+        print_json({"path": str(dst), "sha256": digest})
+    else:
+        out.print(f"wrote {dst} (sha256 {digest})")
+
+
+@app.command("synthesize")
+@user_errors
+def synthesize_command(
+    method: str = typer.Option("cmi", "--method", help="Synthesis method: cmi or deepinversion."),
+    teacher: Path = typer.Option(DEFAULT_TEACHER, "--teacher", help="Teacher checkpoint (.safetensors)."),
+    num_images: int = typer.Option(50_000, "--num-images", help="How many synthetic images to make."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Synthesis batch (independent of the distillation batch)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimisation steps per batch (default: the method's published setting)."),
+    seed: int = typer.Option(0, "--seed"),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run dir (default: runs/<method>-<time>)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard existing synthetic data in the run dir and start over."),
+    device: str = DEVICE,
+    pue: float = PUE,
+    country: str = COUNTRY,
+    grid: Optional[float] = GRID,
+    as_json: bool = JSON,
+) -> None:
+    """Invert the teacher into synthetic image shards; metered as stage `synthesis`. Resumes by default."""
+    from dfkd.config import parse_set_options
+    from dfkd.stages import run_metered
+    from dfkd.synthesis import SynthesisConfig, prepare_run_dir, prepare_synthesis, synthesize_stage
+
+    config = apply_overrides(
+        SynthesisConfig(),
+        {"method": method, "teacher": str(teacher), "num_images": num_images, "batch_size": batch_size,
+         "seed": seed, "device": device, "method_settings": parse_set_options(settings)},
+        "synthesis setting",
+    )
+    carbon = carbon_config(pue, country, grid)
+    prepared = prepare_synthesis(config, iterations)
+    run_dir = RunDir.open(run or default_run_dir(method))
+    with run_dir.locked():
+        start = prepare_run_dir(run_dir, prepared, overwrite)
+        run_dir.update_manifest(carbon=config_dict(carbon))
+        info = {"method": method, "num_images": num_images, "batch_size": batch_size, "resumed_after_shard": start}
+        report = run_metered(
+            run_dir, "synthesis", carbon, prepared.device, info,
+            lambda: synthesize_stage(prepared, run_dir, start, show_progress=not as_json),
+        )
+    quality = report.result["quality"]
+    if as_json:
+        print_json({"run": str(run_dir.root), **report.result, "work": report.work})
+        return
+    out.print(
+        f"{quality['images']} synthetic images in {run_dir.root / 'synthetic'}: teacher agrees with the target on "
+        f"{quality['target_agreement']:.1f} %, mean confidence {quality['mean_confidence']:.3f}, "
+        f"diversity (mean cosine) {quality['diversity_mean_cosine']:.3f}; preview {report.result['preview']}"
+    )
+
+
+@app.command("distill")
+@user_errors
+def distill_command(
+    run: Path = typer.Option(..., "--run", help="Run dir holding the synthetic shards (from `dfkd synthesize`)."),
+    student: str = typer.Option("wrn16_1", "--student", help="Student architecture (see `dfkd models`)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher checkpoint (default: the one that made the synthetic set, checked by hash)."),
+    tau: str = typer.Option("stochastic", "--tau", help="stochastic | a number >= 1 | grid | grid:2,4,8,16"),
+    tau_range: str = typer.Option("2,20", "--tau-range", help="Range of the stochastic tau, low,high."),
+    tau_per: str = typer.Option("batch", "--tau-per", help="batch (the paper) or sample (one tau per image; our extension)."),
+    loss: str = typer.Option("hkd", "--loss", help="hkd | cmc | dml"),
+    alpha: float = typer.Option(0.95, "--alpha", help="Weight of the KD term in hkd."),
+    epochs: int = typer.Option(200, "--epochs"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    lr: float = typer.Option(0.1, "--lr", help="Learning rate at batch 256, scaled linearly with --batch-size."),
+    seed: int = typer.Option(0, "--seed"),
+    data: Optional[Path] = typer.Option(None, "--data", help="Train on this real data's training split instead (the data-driven KD baseline)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Report accuracy on this data's test split."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Pick the grid winner by accuracy on a slice of this data's training split."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Also evaluate every N epochs (0 = only at the end)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard this run's earlier distillation and start over."),
+    device: str = DEVICE,
+    pue: float = PUE,
+    country: str = COUNTRY,
+    grid: Optional[float] = GRID,
+    as_json: bool = JSON,
+) -> None:
+    """Distil a student from the teacher on the synthetic set; metered as stage `distillation`. Resumes by default."""
+    from dfkd.distill import DistillConfig, prepare_distill, reset_students, run_distillation
+    from dfkd.stages import run_metered
+    from dfkd.tau import parse_tau_range
+
+    config = apply_overrides(
+        DistillConfig(),
+        {
+            "student": student, "teacher": str(teacher or ""), "tau": tau, "tau_range": parse_tau_range(tau_range),
+            "tau_per": tau_per, "loss": loss, "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "seed": seed, "device": device, "data": str(data or ""), "eval_data": str(eval_data or ""),
+            "val_data": str(val_data or ""), "eval_every": eval_every,
+        },
+        "distillation setting",
+    )
+    carbon = carbon_config(pue, country, grid)
+    run_dir = RunDir.open(run, create=False)
+    with run_dir.locked():
+        if overwrite:
+            reset_students(run_dir)
+        prepared = prepare_distill(config, run_dir)
+        run_dir.update_manifest(carbon=config_dict(carbon))
+        summary = run_distillation(
+            prepared, run_dir,
+            lambda stage, info, work: run_metered(run_dir, stage, carbon, prepared.device, info, work),
+            show_progress=not as_json,
+        )
+    if as_json:
+        print_json({"run": str(run_dir.root), **summary})
+        return
+    accuracy = f"test accuracy {summary['test_acc']:.2f} %, " if "test_acc" in summary else ""
+    winner = f"grid winner {summary['winner']} by {summary['criterion']}; " if "winner" in summary else ""
+    out.print(
+        f"{winner}student {run_dir.root / 'student' / 'student.safetensors'}: {accuracy}"
+        f"agreement with the teacher on held-out synthetic images {summary['holdout_agreement']:.2f} %"
+    )

@@ -1,0 +1,76 @@
+"""Runs a stage's work inside the meter: the one place where stages and metering meet.
+
+A stage function does its work and returns a `StageReport`; it never meters itself. `run_metered`
+recovers records of runs that were killed, wraps the work in `meter`, counts FLOPs with the stage's
+probe (one representative step under torch's flop counter, times the number of steps) and copies
+the stage's figures into the ledger record.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dfkd.config import CarbonConfig
+from dfkd.meter import count_flops, meter, recover_pending
+from dfkd.rundir import RunDir
+
+
+@dataclass
+class StageReport:
+    """What a stage hands back: its figures, the work done, and how to count its FLOPs."""
+
+    result: dict[str, Any]
+    work: dict[str, Any]
+    flops_probe: Callable[[], float] | None = None
+    flops_units: int = 0
+    flops_unit_name: str = "image-step"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_metered(
+    run: RunDir,
+    stage: str,
+    carbon: CarbonConfig,
+    device: torch.device,
+    info: dict[str, Any],
+    work: Callable[[], StageReport],
+) -> StageReport:
+    """Run `work` as one metered stage of `run`; exactly one ledger record is written, whatever happens."""
+    recover_pending(run.ledger_path)
+    with meter(stage, run.ledger_path, carbon, device, info) as outcome:
+        report = work()
+        outcome.result = report.result
+        outcome.work = report.work
+        if report.flops_probe is not None and report.flops_units > 0:
+            per_unit = report.flops_probe()
+            outcome.flops = per_unit * report.flops_units
+            outcome.flops_method = (
+                f"counted by torch.utils.flop_counter on one {report.flops_unit_name} "
+                f"({per_unit:.4g} FLOPs) x {report.flops_units} {report.flops_unit_name}s"
+            )
+    return report
+
+
+def supervised_step_flops(model: nn.Module, input_size: int, num_classes: int, teacher: nn.Module | None = None) -> float:
+    """FLOPs of one training step per image: forward + backward of `model` (and the frozen teacher's forward).
+
+    Counted on CPU copies with a batch of 2, so the probe never touches the trained model's state.
+    """
+    student = copy.deepcopy(model).float().cpu().train()
+    frozen = copy.deepcopy(teacher).float().cpu().eval() if teacher is not None else None
+    x = torch.rand(2, 3, input_size, input_size)
+    y = torch.randint(0, num_classes, (2,))
+
+    def step() -> None:
+        if frozen is not None:
+            with torch.no_grad():
+                frozen(x)
+        F.cross_entropy(student(x), y).backward()
+
+    return count_flops(step) / 2

@@ -1,0 +1,340 @@
+"""Stage 1, `dfkd synthesize`: invert the teacher into shards of synthetic images in the run dir.
+
+Output under `<run>/synthetic/`:
+    shard-00000.safetensors ...  uint8 images (N,3,H,W), targets, teacher logits at the kept iterate,
+                                 per-image final loss; metadata: method, config hash, teacher sha256
+    state.safetensors            the synthesizer's state after the last shard (CMI's bank and head)
+    preview.png                  a class-sorted grid of the first images of each class
+One shard is one synthesis batch. Resume continues after the last shard whose sha256 matches the
+manifest; a half-written shard never has a manifest entry, so it is never counted. Batch `b` is
+seeded with (seed, b), so a resumed run makes the same images as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torchvision.utils import save_image
+
+from dfkd.checkpoints import load_checkpoint
+from dfkd.config import apply_overrides, config_dict
+from dfkd.errors import DfkdError
+from dfkd.evaluate import predict_logits
+from dfkd.meter import count_flops
+from dfkd.models import batchnorm_layers
+from dfkd.progress import make_progress
+from dfkd.rundir import RunDir, atomic_path, atomic_write_bytes, sha256_file
+from dfkd.runtime import resolve_device
+from dfkd.stages import StageReport
+from synthesizers import get_synthesizer, list_synthesizers
+
+SYNTHETIC = "synthetic"
+TARGETS_NOTE = "balanced: batch b holds classes (b*B + i) mod C, so every class gets N/C images (±1)"
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """Stage settings; the method's own settings come from `method_settings` (`--set key=value`)."""
+
+    method: str = "cmi"
+    teacher: str = ""
+    num_images: int = 50_000
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    method_settings: dict[str, str] = field(default_factory=dict)
+    quality_sample: int = 2_000
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {self.num_images}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.quality_sample < 2:
+            raise ValueError("quality_sample must be at least 2")
+
+
+@dataclass
+class PreparedSynthesis:
+    """Everything validated before any work starts."""
+
+    config: SynthesisConfig
+    method_config: Any
+    teacher: torch.nn.Module
+    teacher_meta: Any
+    teacher_sha256: str
+    device: torch.device
+
+    @property
+    def config_hash(self) -> str:
+        """What makes two runs' shards interchangeable: the method, its settings, the teacher, the seed."""
+        identity = {
+            "method": self.config.method,
+            "method_config": config_dict(self.method_config),
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+            "teacher_sha256": self.teacher_sha256,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.config.num_images / self.config.batch_size)
+
+
+def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) -> PreparedSynthesis:
+    """Validate the method, its settings and the teacher before any file is written."""
+    try:
+        method_class = get_synthesizer(config.method)
+    except ValueError:
+        raise DfkdError(f"unknown method {config.method!r}: choose one of {', '.join(list_synthesizers())}") from None
+    settings: dict[str, Any] = dict(config.method_settings)
+    if iterations is not None:
+        settings["iterations"] = iterations
+    method_config = apply_overrides(method_class.config_class(), settings, f"{config.method} setting")
+    teacher_path = Path(config.teacher)
+    teacher, meta = load_checkpoint(teacher_path)
+    if not batchnorm_layers(teacher):
+        raise DfkdError(
+            f"teacher {teacher_path} ({meta.arch}) has no BatchNorm layers: model inversion matches BN statistics, "
+            "so use a teacher with BatchNorm"
+        )
+    return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), resolve_device(config.device))
+
+
+def batch_targets(batch_index: int, batch_size: int, count: int, num_classes: int) -> torch.Tensor:
+    """Balanced targets: round-robin over the classes, continuing across batches."""
+    return (torch.arange(count) + batch_index * batch_size) % num_classes
+
+
+def shard_path(run: RunDir, index: int) -> Path:
+    return run.root / SYNTHETIC / f"shard-{index:05d}.safetensors"
+
+
+def valid_shards(run: RunDir) -> list[Path]:
+    """The leading shards whose sha256 matches the manifest, in order; stops at the first that does not."""
+    artifacts = run.read_manifest()["artifacts"]
+    shards = []
+    index = 0
+    while (path := shard_path(run, index)).exists():
+        entry = artifacts.get(run.relative(path))
+        if entry is None or entry["sha256"] != sha256_file(path):
+            break
+        shards.append(path)
+        index += 1
+    return shards
+
+
+def load_shards(run: RunDir) -> dict[str, torch.Tensor]:
+    """All valid shards concatenated: images (uint8), targets, logits, losses."""
+    shards = valid_shards(run)
+    if not shards:
+        raise DfkdError(f"run dir {run.root} has no synthetic shards: run `dfkd synthesize --run {run.root}` first")
+    parts = [load_file(str(p)) for p in shards]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _reset_synthetic(run: RunDir) -> None:
+    shutil.rmtree(run.root / SYNTHETIC, ignore_errors=True)
+    run.forget_artifacts(f"{SYNTHETIC}/")
+    manifest = run.read_manifest()
+    manifest["stages"].pop("synthesis", None)
+    run.write_manifest(manifest)
+
+
+def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -> int:
+    """Make the run dir ready; returns how many complete shards are already there to resume after."""
+    if overwrite:
+        _reset_synthetic(run)
+    existing = run.read_manifest()["stages"].get("synthesis", {})
+    if existing and existing.get("config_hash") != prepared.config_hash:
+        raise DfkdError(
+            f"run dir {run.root} holds synthetic data made with other settings (method, settings, batch size, seed "
+            "or teacher): pass --overwrite to start over or use another --run"
+        )
+    done = len(valid_shards(run))
+    for stale in sorted((run.root / SYNTHETIC).glob("shard-*.safetensors"))[done:]:
+        stale.unlink()
+    for stale in (run.root / SYNTHETIC).glob("state-*.safetensors"):
+        if stale != state_path(run, done - 1):
+            stale.unlink()
+    return done
+
+
+def state_path(run: RunDir, index: int) -> Path:
+    return run.root / SYNTHETIC / f"state-{index:05d}.safetensors"
+
+
+def _write_state(run: RunDir, synthesizer: Any, index: int) -> dict[str, Any]:
+    """Save the synthesizer's state after shard `index`; returns its manifest entry (not yet recorded)."""
+    state = synthesizer.state_dict()
+    path = state_path(run, index)
+    digest = atomic_write_bytes(path, save(state["tensors"], metadata={"scalars": json.dumps(state["scalars"])}))
+    return run.artifact_entry(path, "synthesis", role="state", sha256=digest)
+
+
+def _drop_state(run: RunDir, index: int) -> None:
+    path = state_path(run, index)
+    run.forget_artifacts(run.relative(path))
+    path.unlink(missing_ok=True)
+
+
+def _load_state(run: RunDir, synthesizer: Any, index: int) -> None:
+    """Restore the state saved with shard `index`, checked against its manifest hash."""
+    path = state_path(run, index)
+    entry = run.read_manifest()["artifacts"].get(run.relative(path)) if path.exists() else None
+    if entry is None or entry["sha256"] != sha256_file(path):
+        raise DfkdError(f"{path} is missing or does not match the manifest: pass --overwrite to start the synthesis over")
+    with safe_open(str(path), framework="pt") as f:
+        scalars = json.loads(f.metadata()["scalars"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    synthesizer.load_state_dict({"tensors": tensors, "scalars": scalars})
+
+
+def quality_figures(
+    images: torch.Tensor, targets: torch.Tensor, teacher: torch.nn.Module, meta: Any, device: torch.device, sample: int
+) -> dict[str, Any]:
+    """How good the synthetic set is, by the teacher's own judgement.
+
+    target_agreement: % of images the teacher classifies as their target; mean_confidence: mean max
+    softmax; class_histogram: counts of teacher predictions; diversity: mean pairwise cosine similarity
+    of the teacher's penultimate features over a random sample (lower = more diverse).
+    """
+    logits = predict_logits(teacher, images, meta.mean, meta.std, device).cpu()
+    predictions = logits.argmax(1)
+    picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:sample]
+    features = predict_logits(teacher, images[picked], meta.mean, meta.std, device, features=True).cpu()
+    unit = torch.nn.functional.normalize(features, dim=1)
+    similarity = unit @ unit.T
+    n = len(unit)
+    off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)) if n > 1 else torch.tensor(float("nan"))
+    return {
+        "images": len(images),
+        "target_agreement": float((predictions == targets).float().mean() * 100),
+        "mean_confidence": float(logits.softmax(1).max(1).values.mean()),
+        "class_histogram": torch.bincount(predictions, minlength=meta.num_classes).tolist(),
+        "target_histogram": torch.bincount(targets, minlength=meta.num_classes).tolist(),
+        "diversity_mean_cosine": float(off_diagonal),
+        "diversity_sample": n,
+    }
+
+
+def write_preview(run: RunDir, images: torch.Tensor, targets: torch.Tensor, num_classes: int, per_class: int = 10) -> Path:
+    """A class-sorted grid: one row per class, the first `per_class` images of that class."""
+    rows = []
+    for c in range(num_classes):
+        chosen = images[targets == c][:per_class]
+        if len(chosen) < per_class:
+            chosen = torch.cat([chosen, torch.zeros(per_class - len(chosen), *images.shape[1:], dtype=images.dtype)])
+        rows.append(chosen)
+    grid = torch.cat(rows).float() / 255
+    path = run.root / SYNTHETIC / "preview.png"
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, nrow=per_class, padding=1, format="png")
+    run.record_artifact(path, "synthesis", role="preview")
+    return path
+
+
+def synthesize_stage(
+    prepared: PreparedSynthesis, run: RunDir, start_shard: int, show_progress: bool = True
+) -> StageReport:
+    """Make the remaining shards, then the preview and the quality figures; record all in the manifest."""
+    config, device = prepared.config, prepared.device
+    meta = prepared.teacher_meta
+    method_class = get_synthesizer(config.method)
+    synthesizer = method_class(
+        prepared.teacher, prepared.method_config, device, meta.mean, meta.std, meta.num_classes, meta.input_size
+    )
+    if start_shard:
+        _load_state(run, synthesizer, start_shard - 1)
+    run.update_manifest(
+        stages={
+            "synthesis": {
+                "config": config_dict(config),
+                "method_config": config_dict(prepared.method_config),
+                "config_hash": prepared.config_hash,
+                "teacher": {"path": config.teacher, "sha256": prepared.teacher_sha256, "arch": meta.arch},
+                "targets": TARGETS_NOTE,
+                "device": str(device),
+            }
+        }
+    )
+    iterations = prepared.method_config.iterations
+    made = 0
+    started = time.perf_counter()
+    with make_progress(show_progress) as progress:
+        done_images = min(start_shard * config.batch_size, config.num_images)
+        task = progress.add_task(f"synthesize {config.method}", total=config.num_images, completed=done_images, info="")
+
+        def report_step(step: int, loss: torch.Tensor) -> None:
+            rate = (made * iterations + step * count) / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, info=f"step {step}/{iterations} loss {loss.item():.3f}  {rate:,.0f} img-steps/s")
+
+        for index in range(start_shard, prepared.num_batches):
+            count = min(config.batch_size, config.num_images - index * config.batch_size)
+            torch.manual_seed(config.seed * 1_000_003 + index)
+            targets = batch_targets(index, config.batch_size, count, meta.num_classes)
+            batch = synthesizer.synthesize(targets, progress=report_step)
+            tensors = {
+                "images": (batch.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous(),
+                "targets": targets.to(torch.int64).contiguous(),
+                "logits": batch.logits.detach().float().cpu().contiguous(),
+                "losses": batch.losses.detach().float().cpu().contiguous(),
+            }
+            if not torch.isfinite(tensors["losses"]).all():
+                raise DfkdError(
+                    f"synthesis batch {index} produced a non-finite loss: the {index} shards before it are kept; "
+                    "lower the method's lr with --set lr=..."
+                )
+            shard_meta = {
+                "method": config.method, "config_hash": prepared.config_hash,
+                "teacher_sha256": prepared.teacher_sha256, "index": str(index), "count": str(count),
+            }
+            path = shard_path(run, index)
+            digest = atomic_write_bytes(path, save(tensors, metadata=shard_meta))
+            # The shard and the state after it enter the manifest in one atomic write, so a resumed
+            # run always continues from a state that matches its last counted shard.
+            run.update_manifest(
+                artifacts={**run.artifact_entry(path, "synthesis", "shard", digest), **_write_state(run, synthesizer, index)}
+            )
+            _drop_state(run, index - 1)
+            made += count
+            progress.update(task, advance=count)
+    data = load_shards(run)
+    preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
+    quality = quality_figures(data["images"], data["targets"], prepared.teacher.to(device), meta, device, config.quality_sample)
+    shards = valid_shards(run)
+    run.update_manifest(stages={"synthesis": {"quality": quality, "shards": len(shards), "images": len(data["images"])}})
+    image_steps = made * iterations
+    return StageReport(
+        result={"quality": quality, "preview": run.relative(preview), "shards": len(shards)},
+        work={"images_made": made, "images_total": len(data["images"]), "iterations": iterations, "image_steps": image_steps,
+              "seconds_in_loop": time.perf_counter() - started},
+        flops_probe=lambda: synthesis_step_flops(prepared),
+        flops_units=image_steps,
+        flops_unit_name="image-step",
+    )
+
+
+def synthesis_step_flops(prepared: PreparedSynthesis) -> float:
+    """FLOPs of one image-step of the method: the difference between 2- and 1-iteration runs on 2 images, on CPU."""
+    method_class = get_synthesizer(prepared.config.method)
+    meta = prepared.teacher_meta
+    targets = torch.arange(2) % meta.num_classes
+
+    def run(iterations: int) -> float:
+        config = apply_overrides(prepared.method_config, {"iterations": iterations, "compile": False, "amp": False})
+        synthesizer = method_class(prepared.teacher, config, torch.device("cpu"), meta.mean, meta.std, meta.num_classes, meta.input_size)
+        return count_flops(lambda: synthesizer.synthesize(targets))
+
+    return (run(2) - run(1)) / 2

@@ -1,0 +1,179 @@
+"""The interface every synthesis method implements, and the name -> class registry.
+
+A synthesizer inverts a frozen, BatchNorm-equipped teacher: given target classes it returns images
+in [0, 1] that the teacher's BN statistics and classifier find plausible (model inversion, Yin et al.
+2020; Fang et al. 2021). Everything of a step stays on the device: the step loops call no `.item()`,
+copy nothing to the host and touch no file, so a GPU never waits on Python.
+
+Reproducibility: the methods draw every random number (initial pixels or generator weights, latent
+codes, augmentation parameters, jitter offsets, memory-bank samples) from torch's global generators,
+so a caller that runs `torch.manual_seed(seed)` first gets the same images again on the same
+hardware and software.
+
+State for resume: `state_dict()` returns `{"tensors": {name: Tensor}, "scalars": {name: int | float |
+str}}`; tensors are detached CPU copies ready for safetensors, scalars are JSON-ready. The scalar
+"method" names the synthesizer, and `load_state_dict` refuses a state saved by another.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from synthesizers.bn_stats import BatchNormStatistics
+
+Progress = Callable[[int, Tensor], None]
+SynthesizerState = dict[str, dict[str, Any]]
+
+
+class SynthesisConfig(Protocol):
+    """The fields every method's config has besides its own hyper-parameters."""
+
+    iterations: int
+    amp: bool
+    compile: bool
+    log_every: int
+
+
+@dataclass
+class SynthesisBatch:
+    """One synthesised batch, all on the synthesizer's device.
+
+    images: (N, 3, H, W) float in [0, 1]; losses: (N,) each image's loss at its kept iterate;
+    logits: (N, C) fp32 teacher logits of the kept images.
+    """
+
+    images: Tensor
+    losses: Tensor
+    logits: Tensor
+
+
+class Synthesizer(ABC):
+    """A model-inversion method: `synthesize(targets)` -> images the teacher assigns to `targets`.
+
+    The synthesizer works on its own frozen copy of `teacher` (eval mode, no parameter gradients,
+    hooks on its BN layers), so the caller's model is left as it was. The copy sees normalised inputs
+    (x − mean) / std; on CUDA it runs channels_last, under bf16 autocast when `config.amp`, and
+    compiled when `config.compile`.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    instance_features: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: SynthesisConfig,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        num_classes: int,
+        image_size: int = 32,
+    ) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std positive; got {mean} / {std}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {image_size}")
+        self.config = config
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.on_cuda = self.device.type == "cuda"
+        self.memory_format = torch.channels_last if self.on_cuda else torch.contiguous_format
+        frozen = copy.deepcopy(teacher).to(self.device, memory_format=self.memory_format).eval()
+        frozen.requires_grad_(False)
+        self.statistics = BatchNormStatistics(frozen, instance_features=self.instance_features)
+        # Hooks go on before compiling so that the compiled graph contains them.
+        self.teacher: nn.Module = torch.compile(frozen) if config.compile and self.on_cuda else frozen
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """bf16 autocast on CUDA when the config asks for it; a no-op elsewhere."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.amp and self.on_cuda)
+
+    def teacher_logits(self, images: Tensor, stat_rows: int | None = None) -> Tensor:
+        """Teacher logits of [0, 1] images; the hooks record R_BN (over `stat_rows` rows) meanwhile."""
+        self.statistics.reset()
+        self.statistics.stat_rows = stat_rows
+        normalised = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return self.teacher(normalised)
+
+    @torch.no_grad()
+    def clean_logits(self, images: Tensor) -> Tensor:
+        """fp32 logits of the kept images, un-augmented and without autocast: the student's KD targets."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.teacher_logits(images).float()
+
+    def check_targets(self, targets: Tensor) -> Tensor:
+        """`targets` as a 1-d int64 tensor on the device; a wrong shape or out-of-range class is a ValueError."""
+        if targets.dim() != 1 or targets.numel() == 0 or targets.dtype.is_floating_point:
+            raise ValueError(f"targets must be a non-empty 1-d integer tensor, got shape {tuple(targets.shape)}")
+        targets = targets.to(self.device, torch.long)
+        if bool((targets < 0).any()) or bool((targets >= self.num_classes).any()):
+            raise ValueError(f"targets must lie in [0, {self.num_classes - 1}]")
+        return targets
+
+    def check_method(self, state: SynthesizerState) -> None:
+        """Refuse a state saved by another method."""
+        method = state.get("scalars", {}).get("method")
+        if method != self.name:
+            raise ValueError(f"state was saved by synthesizer {method!r}, not {self.name!r}")
+
+    @abstractmethod
+    def synthesize(self, targets: Tensor, progress: Progress | None = None) -> SynthesisBatch:
+        """Synthesise one image per entry of `targets`.
+
+        `progress(step, loss)` is called every `config.log_every` steps with the number of steps done
+        and the batch loss as a device tensor; converting it to a number (a device sync) is the
+        caller's choice.
+        """
+
+    @abstractmethod
+    def state_dict(self) -> SynthesizerState:
+        """What a resumed run needs to continue the same algorithm (layout in the module docstring)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: SynthesizerState) -> None:
+        """Restore what `state_dict()` returned."""
+
+
+def keep_lowest(best: Tensor, candidate: Tensor, improved: Tensor) -> Tensor:
+    """Per row, `candidate` where `improved` else `best`: the lowest-loss iterate kept on the device."""
+    return torch.where(improved.view(-1, *([1] * (candidate.dim() - 1))), candidate, best)
+
+
+SYNTHESIZERS: dict[str, type[Synthesizer]] = {}
+
+
+def register(cls: type[Synthesizer]) -> type[Synthesizer]:
+    """Class decorator: make `cls` available under `cls.name`."""
+    if cls.name in SYNTHESIZERS:
+        raise ValueError(f"synthesizer {cls.name!r} is registered twice")
+    SYNTHESIZERS[cls.name] = cls
+    return cls
+
+
+def list_synthesizers() -> list[str]:
+    """The registered synthesizer names, sorted."""
+    return sorted(SYNTHESIZERS)
+
+
+def get_synthesizer(name: str) -> type[Synthesizer]:
+    """The class registered as `name`; an unknown name is a ValueError listing the valid ones."""
+    try:
+        return SYNTHESIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown synthesizer {name!r}: choose one of {', '.join(list_synthesizers())}") from None

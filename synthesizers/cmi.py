@@ -1,0 +1,274 @@
+"""Contrastive Model Inversion (Fang et al., "Contrastive Model Inversion for Data-Free Knowledge
+Distillation", IJCAI 2021), as the first stage of a two-stage pipeline.
+
+For every batch a fresh generator G and latent codes z are optimised together (Adam, lr 1e-3, betas
+0.5/0.999, 200 steps) so that the images x = G(z) minimise
+
+    α_BN·R_BN(v₁) + α_CE·CE(f(v₁), y) + α_cr·L_cr(v₁, v₂)
+
+where v₁ (random crop, padding size/8, + horizontal flip) and v₂ (random resized crop, scale 0.25–1,
++ flip) are two views of x made on the device with kornia, R_BN is DeepInversion's BN-statistics
+prior (see `bn_stats`) and L_cr is InfoNCE between instance embeddings. An image's instance feature is
+the spatial mean of every teacher BN input, concatenated; a persistent MLP head h (its own Adam)
+maps it to a unit vector. For the anchor h(v₁ of image i) the positive is h(v₂ of image i), and the
+negatives are every other view in the batch plus `num_negatives` features drawn at random from a
+memory bank of past synthetic images (their raw, un-projected features, projected by the current h):
+
+    ℓ(a, p) = −log [ exp(a·p / τ) / Σ_{k ≠ a} exp(a·k / τ) ],   L_cr,i = ½ (ℓ(v₁ᵢ, v₂ᵢ) + ℓ(v₂ᵢ, v₁ᵢ))
+
+Making instances easy to tell apart from each other and from earlier batches is what gives CMI its
+diversity. The paper's adversarial terms (the generator maximising the teacher–student disagreement,
+and the CE weight of 0.5 in that phase) are off: in a two-stage pipeline no student exists while
+images are synthesised.
+
+Keeping: like DeepInversion here, each image keeps its lowest-loss iterate, where an image's loss is
+α_CE·CE_i + α_cr·L_cr,i + α_BN·R_BN of the batch. The returned logits and the features that enter the
+bank come from a final no-grad fp32 forward of the kept, un-augmented images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import kornia.augmentation as K
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from synthesizers.base import Progress, SynthesisBatch, Synthesizer, SynthesizerState, keep_lowest, register
+
+
+@dataclass(frozen=True)
+class CMIConfig:
+    """CMI's hyper-parameters; the defaults are the published CIFAR-10 ones.
+
+    `head_lr` is the projection head's learning rate, separate from the generator's `lr` so that
+    raising the generator's for short runs leaves the persistent head's training as published.
+    """
+
+    iterations: int = 200
+    lr: float = 1e-3
+    head_lr: float = 1e-3
+    beta1: float = 0.5
+    beta2: float = 0.999
+    nz: int = 256
+    ngf: int = 64
+    bn_weight: float = 1.0
+    ce_weight: float = 1.0
+    contrastive_weight: float = 0.8
+    temperature: float = 0.1
+    bank_size: int = 40960
+    num_negatives: int = 4096
+    head_dim: int = 256
+    amp: bool = True
+    compile: bool = False
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        for name in ("lr", "head_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("nz", "ngf", "head_dim", "bank_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("bn_weight", "ce_weight", "contrastive_weight"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.bn_weight == self.ce_weight == 0.0:
+            raise ValueError("bn_weight and ce_weight cannot both be 0: nothing would tie the images to the teacher")
+        if not 0 <= self.num_negatives <= self.bank_size:
+            raise ValueError(f"num_negatives must lie in [0, bank_size={self.bank_size}], got {self.num_negatives}")
+
+
+class Generator(nn.Module):
+    """z -> linear -> 2·ngf × s/4 × s/4 -> BN -> (up ×2, conv, BN, LeakyReLU) ×2 -> conv -> sigmoid: (3, s, s)."""
+
+    def __init__(self, nz: int, ngf: int, image_size: int) -> None:
+        super().__init__()
+        self.init_size = image_size // 4
+        self.project = nn.Linear(nz, 2 * ngf * self.init_size**2)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(2 * ngf),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * ngf),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, ngf, 3, padding=1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(ngf, 3, 3, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.project(z).view(z.shape[0], -1, self.init_size, self.init_size)
+        return self.body(out)
+
+
+def info_nce(view1: Tensor, view2: Tensor, negatives: Tensor, temperature: float) -> Tensor:
+    """Per-image InfoNCE (the module docstring's L_cr,i) of unit embeddings: (N,).
+
+    Each of the 2N anchors is scored against the other 2N − 1 batch views and the K extra `negatives`.
+    """
+    n = view1.shape[0]
+    anchors = torch.cat([view1, view2])
+    similarity = anchors @ torch.cat([anchors, negatives]).T / temperature
+    own = torch.eye(2 * n, similarity.shape[1], dtype=torch.bool, device=similarity.device)
+    similarity = similarity.masked_fill(own, float("-inf"))
+    positives = torch.arange(2 * n, device=similarity.device).roll(n)
+    per_anchor = F.cross_entropy(similarity, positives, reduction="none")
+    return (per_anchor[:n] + per_anchor[n:]) / 2
+
+
+@register
+class CMI(Synthesizer):
+    """Per-batch generator inversion with a contrastive memory bank that persists across batches.
+
+    State across batches (saved by `state_dict`): the bank (a ring buffer of `bank_size` raw instance
+    features on the device, its write pointer and fill count), the head's weights and its Adam state.
+    """
+
+    name: ClassVar[str] = "cmi"
+    config_class: ClassVar[type] = CMIConfig
+    instance_features: ClassVar[bool] = True
+    config: CMIConfig
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: CMIConfig,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        num_classes: int,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__(teacher, config, device, mean, std, num_classes, image_size)
+        if image_size % 4:
+            raise ValueError(f"CMI's generator upsamples twice by 2: image_size must be a multiple of 4, got {image_size}")
+        dim = self.statistics.feature_dim
+        self.head = nn.Sequential(
+            nn.Linear(dim, config.head_dim), nn.ReLU(), nn.Linear(config.head_dim, config.head_dim)
+        ).to(self.device)
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.head_lr, betas=(config.beta1, config.beta2))
+        self.bank = torch.zeros(config.bank_size, dim, device=self.device)
+        self.bank_pointer = 0
+        self.bank_count = 0
+        self.local_view = nn.Sequential(
+            K.RandomCrop((image_size, image_size), padding=image_size // 8), K.RandomHorizontalFlip()
+        )
+        self.global_view = nn.Sequential(
+            K.RandomResizedCrop((image_size, image_size), scale=(0.25, 1.0)), K.RandomHorizontalFlip()
+        )
+
+    def embed(self, features: Tensor) -> Tensor:
+        """Unit-length head embeddings of raw instance features, in fp32."""
+        with torch.autocast(self.device.type, enabled=False):
+            return F.normalize(self.head(features.float()), dim=1)
+
+    def negatives(self) -> Tensor:
+        """Up to `num_negatives` raw bank features drawn without replacement (none while the bank is empty)."""
+        k = min(self.config.num_negatives, self.bank_count)
+        picks = torch.randperm(self.bank_count, device=self.device)[:k]
+        return self.bank[picks]
+
+    def synthesize(self, targets: Tensor, progress: Progress | None = None) -> SynthesisBatch:
+        cfg = self.config
+        targets = self.check_targets(targets)
+        n = targets.numel()
+        generator = Generator(cfg.nz, cfg.ngf, self.image_size).to(self.device, memory_format=self.memory_format)
+        z = torch.randn(n, cfg.nz, device=self.device, requires_grad=True)
+        optimizer = torch.optim.Adam(
+            [{"params": generator.parameters()}, {"params": [z]}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
+        )
+        best_images = torch.zeros(n, 3, self.image_size, self.image_size, device=self.device)
+        best_losses = torch.full((n,), float("inf"), device=self.device)
+        for step in range(cfg.iterations):
+            with self.autocast():
+                images = generator(z).float()
+            views = torch.cat([self.local_view(images), self.global_view(images)])
+            with self.autocast():
+                logits = self.teacher_logits(views, stat_rows=n)
+            per_image = cfg.ce_weight * F.cross_entropy(logits[:n].float(), targets, reduction="none")
+            per_image = per_image + cfg.bn_weight * self.statistics.loss()
+            if cfg.contrastive_weight > 0:
+                embedded = self.embed(self.statistics.features())
+                contrastive = info_nce(embedded[:n], embedded[n:], self.embed(self.negatives()), cfg.temperature)
+                per_image = per_image + cfg.contrastive_weight * contrastive
+            loss = per_image.mean()
+            with torch.no_grad():
+                improved = per_image < best_losses
+                best_images = keep_lowest(best_images, images, improved)
+                best_losses = torch.where(improved, per_image, best_losses)
+            optimizer.zero_grad(set_to_none=True)
+            self.head_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.head_optimizer.step()
+            if progress is not None and (step + 1) % cfg.log_every == 0:
+                progress(step + 1, loss.detach())
+        logits = self.clean_logits(best_images)
+        self.remember(self.statistics.features())
+        return SynthesisBatch(best_images, best_losses, logits)
+
+    @torch.no_grad()
+    def remember(self, features: Tensor) -> None:
+        """Write `features` into the ring buffer, overwriting the oldest entries once it is full."""
+        size = self.config.bank_size
+        features = features[-size:]
+        rows = (self.bank_pointer + torch.arange(features.shape[0], device=self.device)) % size
+        self.bank[rows] = features
+        self.bank_pointer = (self.bank_pointer + features.shape[0]) % size
+        self.bank_count = min(self.bank_count + features.shape[0], size)
+
+    def state_dict(self) -> SynthesizerState:
+        """tensors: "bank" (the filled rows, in buffer order), "head.<param>", "head_optimizer.<i>.<key>";
+        scalars: method, bank_pointer, bank_count, bank_size, feature_dim, head_dim."""
+        tensors = {"bank": self.bank[: self.bank_count]}
+        tensors.update({f"head.{key}": value for key, value in self.head.state_dict().items()})
+        for index, slots in self.head_optimizer.state_dict()["state"].items():
+            tensors.update({f"head_optimizer.{index}.{key}": value for key, value in slots.items()})
+        scalars = {
+            "method": self.name,
+            "bank_pointer": self.bank_pointer,
+            "bank_count": self.bank_count,
+            "bank_size": self.config.bank_size,
+            "feature_dim": self.statistics.feature_dim,
+            "head_dim": self.config.head_dim,
+        }
+        return {"tensors": {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, "scalars": scalars}
+
+    def load_state_dict(self, state: SynthesizerState) -> None:
+        self.check_method(state)
+        tensors, scalars = state["tensors"], state["scalars"]
+        expected = {
+            "bank_size": self.config.bank_size,
+            "feature_dim": self.statistics.feature_dim,
+            "head_dim": self.config.head_dim,
+        }
+        for key, value in expected.items():
+            if scalars.get(key) != value:
+                raise ValueError(f"state has {key}={scalars.get(key)}, this CMI has {value}: resume with the same config and teacher")
+        count, pointer = int(scalars["bank_count"]), int(scalars["bank_pointer"])
+        bank = tensors["bank"]
+        if bank.shape != (count, self.statistics.feature_dim) or not 0 <= pointer < self.config.bank_size:
+            raise ValueError(f"state's bank {tuple(bank.shape)} does not match its count {count} / pointer {pointer}")
+        self.head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")})
+        slots: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("head_optimizer."):
+                _, index, name = key.split(".")
+                slots.setdefault(int(index), {})[name] = value
+        self.head_optimizer.load_state_dict(
+            {"state": slots, "param_groups": self.head_optimizer.state_dict()["param_groups"]}
+        )
+        self.bank.zero_()
+        self.bank[:count] = bank.to(self.device)
+        self.bank_pointer, self.bank_count = pointer, count

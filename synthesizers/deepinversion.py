@@ -1,0 +1,134 @@
+"""DeepInversion (Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020).
+
+The pixels themselves are optimised, from uniform noise, so that a frozen teacher assigns them to the
+target classes while the statistics at its BN inputs match the stored running ones:
+
+    min_x  α_BN·R_BN(x̃) + α_CE·CE(f(x̃), y) + α_TV·R_TV(x) + α_l2·R_l2(x)
+
+with x̃ = flip(roll(x, δ)) a random jitter (δ uniform in ±jitter·size pixels, wrapping around, one
+offset per batch) and a random horizontal flip (p = 0.5, per batch) drawn anew every step. The priors
+are per image: R_TV(x_i) = ‖∂_h x_i‖₂ + ‖∂_w x_i‖₂ (ℓ2 norms of the vertical and horizontal
+finite differences) and R_l2(x_i) = ‖(x_i − mean) / std‖₂. R_BN (see `bn_stats`) is a batch term.
+Adam (lr 0.1, betas 0.5/0.99) updates x, kept in [0, 1] by clamping after every step.
+
+Adaptive DeepInversion's student-competition term is left out: in this two-stage pipeline no student
+exists while images are synthesised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from synthesizers.base import Progress, SynthesisBatch, Synthesizer, SynthesizerState, keep_lowest, register
+
+
+@dataclass(frozen=True)
+class DeepInversionConfig:
+    """DeepInversion's hyper-parameters; the defaults are the published CIFAR-10 ones (2,000 steps)."""
+
+    iterations: int = 2000
+    lr: float = 0.1
+    beta1: float = 0.5
+    beta2: float = 0.99
+    bn_weight: float = 10.0
+    ce_weight: float = 1.0
+    tv_weight: float = 1e-3
+    l2_weight: float = 0.0
+    jitter: float = 0.125
+    flip: bool = True
+    amp: bool = True
+    compile: bool = False
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("bn_weight", "ce_weight", "tv_weight", "l2_weight"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.bn_weight == self.ce_weight == 0.0:
+            raise ValueError("bn_weight and ce_weight cannot both be 0: nothing would tie the images to the teacher")
+        if not 0.0 <= self.jitter < 0.5:
+            raise ValueError(f"jitter must lie in [0, 0.5) (a fraction of the image size), got {self.jitter}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {self.log_every}")
+
+
+def total_variation(images: Tensor) -> Tensor:
+    """Per-image R_TV = ‖∂_h x‖₂ + ‖∂_w x‖₂ over channels and positions: (N,)."""
+    dh = (images[:, :, 1:, :] - images[:, :, :-1, :]).flatten(1)
+    dw = (images[:, :, :, 1:] - images[:, :, :, :-1]).flatten(1)
+    return torch.linalg.vector_norm(dh, dim=1) + torch.linalg.vector_norm(dw, dim=1)
+
+
+@register
+class DeepInversion(Synthesizer):
+    """Per-batch pixel optimisation; each image keeps its lowest-loss iterate.
+
+    An image's loss at a step is α_CE·CE_i + α_TV·R_TV,i + α_l2·R_l2,i + α_BN·R_BN of the batch at that
+    step; the image as it was forwarded (before the step, un-jittered) is kept when this loss is its
+    lowest so far. The returned logits come from a final no-grad fp32 forward of the kept, un-jittered
+    images (the losses were measured on jittered views). DeepInversion has no state across batches.
+    """
+
+    name: ClassVar[str] = "deepinversion"
+    config_class: ClassVar[type] = DeepInversionConfig
+    config: DeepInversionConfig
+
+    def synthesize(self, targets: Tensor, progress: Progress | None = None) -> SynthesisBatch:
+        cfg = self.config
+        targets = self.check_targets(targets)
+        n, size = targets.numel(), self.image_size
+        shift = round(cfg.jitter * size)
+        pixels = torch.rand(n, 3, size, size, device=self.device).contiguous(memory_format=self.memory_format)
+        pixels.requires_grad_(True)
+        optimizer = torch.optim.Adam([pixels], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        best_images = pixels.detach().clone()
+        best_losses = torch.full((n,), float("inf"), device=self.device)
+        for step in range(cfg.iterations):
+            # Offsets come from the CPU generator: drawing them costs no device sync.
+            dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
+            flip = cfg.flip and bool(torch.rand(()) < 0.5)
+            view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
+            if flip:
+                view = view.flip(3)
+            with self.autocast():
+                logits = self.teacher_logits(view)
+            per_image = cfg.ce_weight * F.cross_entropy(logits.float(), targets, reduction="none")
+            per_image = per_image + cfg.bn_weight * self.statistics.loss()
+            if cfg.tv_weight > 0:
+                per_image = per_image + cfg.tv_weight * total_variation(pixels)
+            if cfg.l2_weight > 0:
+                normalised = ((pixels - self.mean) / self.std).flatten(1)
+                per_image = per_image + cfg.l2_weight * torch.linalg.vector_norm(normalised, dim=1)
+            loss = per_image.mean()
+            with torch.no_grad():
+                improved = per_image < best_losses
+                best_images = keep_lowest(best_images, pixels, improved)
+                best_losses = torch.where(improved, per_image, best_losses)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0.0, 1.0)
+            if progress is not None and (step + 1) % cfg.log_every == 0:
+                progress(step + 1, loss.detach())
+        return SynthesisBatch(best_images, best_losses, self.clean_logits(best_images))
+
+    def state_dict(self) -> SynthesizerState:
+        return {"tensors": {}, "scalars": {"method": self.name}}
+
+    def load_state_dict(self, state: SynthesizerState) -> None:
+        self.check_method(state)
+        if state.get("tensors"):
+            raise ValueError(f"deepinversion keeps no tensors, but the state holds {sorted(state['tensors'])}")
