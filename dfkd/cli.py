@@ -98,6 +98,7 @@ def teacher_train(
     seed: int = typer.Option(0, "--seed"),
     eval_every: int = typer.Option(10, "--eval-every", help="Report test accuracy every N epochs."),
     train_subset: int = typer.Option(0, "--train-subset", help="Train on a class-balanced slice of N images (0 = all)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model on CUDA (faster after a one-off compile)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run dir for the ledger and manifest (default: runs/teacher-<arch>-<time>)."),
     device: str = DEVICE,
     pue: float = PUE,
@@ -118,7 +119,7 @@ def teacher_train(
         {
             "arch": arch, "data": str(data), "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "warmup_epochs": warmup_epochs, "seed": seed, "device": device, "eval_every": eval_every,
-            "train_subset": train_subset,
+            "train_subset": train_subset, "compile": compile_model,
         },
         "teacher setting",
     )
@@ -283,6 +284,7 @@ def distill_command(
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="Pick the grid winner by accuracy on a slice of this data's training split."),
     eval_every: int = typer.Option(0, "--eval-every", help="Also evaluate every N epochs (0 = only at the end)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard this run's earlier distillation and start over."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile student and teacher on CUDA."),
     device: str = DEVICE,
     pue: float = PUE,
     country: str = COUNTRY,
@@ -300,7 +302,7 @@ def distill_command(
             "student": student, "teacher": str(teacher or ""), "tau": tau, "tau_range": parse_tau_range(tau_range),
             "tau_per": tau_per, "loss": loss, "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "seed": seed, "device": device, "data": str(data or ""), "eval_data": str(eval_data or ""),
-            "val_data": str(val_data or ""), "eval_every": eval_every,
+            "val_data": str(val_data or ""), "eval_every": eval_every, "compile": compile_model,
         },
         "distillation setting",
     )

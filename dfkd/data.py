@@ -146,6 +146,12 @@ def load_split(path: Path | str, split: Split) -> ImageSet:
     return ImageSet(images, labels, classes, source)
 
 
+def check_data_path(path: Path | str) -> Layout:
+    """The layout at `path`, or a `DfkdError`: lets a command fail before it makes a run dir or meters a stage."""
+    layout, _ = _find_layout(Path(path).expanduser())
+    return layout
+
+
 def cache_dir() -> Path:
     """Where decoded splits are kept: `$DFKD_CACHE`, else `~/.cache/dfkd`."""
     return Path(os.environ.get("DFKD_CACHE") or Path.home() / ".cache" / "dfkd")

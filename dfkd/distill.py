@@ -31,7 +31,7 @@ from dfkd.losses import get_loss
 from dfkd.metrics import top1_agreement
 from dfkd.models import create_model, model_spec
 from dfkd.rundir import RunDir, atomic_path, atomic_write_bytes, sha256_file, utc_now
-from dfkd.runtime import prepare_model, resolve_device, seed_everything, sgd_with_cosine
+from dfkd.runtime import compiled, prepare_model, resolve_device, seed_everything, sgd_with_cosine
 from dfkd.stages import StageReport, supervised_step_flops
 from dfkd.synthesis import load_shards
 from dfkd.tau import TauSampler, TauSpec, make_sampler, parse_tau
@@ -64,6 +64,7 @@ class DistillConfig:
     eval_every: int = 0
     holdout: float = 0.1
     val_size: int = 5_000
+    compile: bool = False
 
     def __post_init__(self) -> None:
         model_spec(self.student)
@@ -89,7 +90,7 @@ class DistillConfig:
 
     def identity(self) -> str:
         """Hash of what changes the trained weights (not where they are evaluated), to refuse mixed resumes."""
-        fields = {k: v for k, v in config_dict(self).items() if k not in ("eval_data", "eval_every", "device")}
+        fields = {k: v for k, v in config_dict(self).items() if k not in ("eval_data", "eval_every", "device", "compile")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -283,7 +284,8 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     if resume_path.exists():
         start_epoch, log = _load_resume(resume_path, student, optimizer, scheduler, sampler, generator, config.identity())
     loss_fn = get_loss(config.loss)
-    teacher = prepared.teacher
+    teacher = compiled(prepared.teacher, config.compile, device)
+    forward = compiled(student, config.compile, device)
     drawn: list[float | torch.Tensor] = []
 
     def batch_loss(x: torch.Tensor, labels: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
@@ -294,7 +296,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         if isinstance(tau, torch.Tensor):
             tau = tau.to(device, non_blocking=True)
         targets = labels if data.real_labels else teacher_logits.argmax(1)
-        return loss_fn(student(x), teacher_logits, targets, tau, config.alpha)
+        return loss_fn(forward(x), teacher_logits, targets, tau, config.alpha)
 
     def after_epoch(stats: EpochStats) -> None:
         entry: dict[str, Any] = {
@@ -345,7 +347,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         result={"trial": trial, **figures, "student": run.relative(student_path)},
         work={"epochs": config.epochs, "resumed_from_epoch": start_epoch, "images": images_seen,
               "images_per_s": log[-1]["images_per_s"] if log else None},
-        flops_probe=lambda: supervised_step_flops(student, meta.input_size, meta.num_classes, teacher=teacher),
+        flops_probe=lambda: supervised_step_flops(student, meta.input_size, meta.num_classes, teacher=prepared.teacher),
         flops_units=images_seen,
         flops_unit_name="training image",
     )

@@ -43,6 +43,11 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def compiled(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
+    """`torch.compile(model)` on CUDA when asked (it shares the parameters, so save `model` itself)."""
+    return torch.compile(model) if enabled and device.type == "cuda" else model
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's and torch's global generators (CPU and every CUDA device)."""
     random.seed(seed)

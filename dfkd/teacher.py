@@ -11,11 +11,11 @@ from torch.nn import functional as F
 
 from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
 from dfkd.config import config_dict
-from dfkd.data import load_split
+from dfkd.data import check_data_path, load_split
 from dfkd.evaluate import evaluate_on
 from dfkd.models import create_model, model_spec
 from dfkd.rundir import RunDir, utc_now
-from dfkd.runtime import prepare_model, resolve_device, seed_everything, sgd_with_cosine
+from dfkd.runtime import compiled, prepare_model, resolve_device, seed_everything, sgd_with_cosine
 from dfkd.stages import StageReport, supervised_step_flops
 from dfkd.training import EpochStats, train_epochs
 
@@ -38,6 +38,7 @@ class TeacherConfig:
     device: str = "auto"
     eval_every: int = 10
     train_subset: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         model_spec(self.arch)
@@ -83,6 +84,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_epochs * steps_per_epoch,
     )
+    forward = compiled(model, config.compile, device)
     images, labels = train_set.images.to(device), train_set.labels.to(device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     log: list[dict[str, Any]] = []
@@ -99,7 +101,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
         scheduler,
         images,
         labels,
-        lambda x, y, _: F.cross_entropy(model(x), y),
+        lambda x, y, _: F.cross_entropy(forward(x), y),
         epochs=config.epochs,
         start_epoch=0,
         batch_size=config.batch_size,
@@ -116,7 +118,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
         num_classes=train_set.num_classes,
         mean=mean,
         std=std,
-        dataset=train_set.source,
+        dataset=f"{Path(config.data).resolve().name} ({check_data_path(Path(config.data))})",
         test_acc=accuracy,
         extra={"epochs": str(config.epochs), "trained_utc": utc_now(), "recipe": "dfkd teacher train"},
     )

@@ -6,7 +6,7 @@ Tests that need them are skipped with a reason when ../shared is absent (CI clon
 from __future__ import annotations
 
 import os
-import tarfile
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,8 +37,8 @@ def reference_student(shared_dir: Path) -> Path:
 def cifar_jpeg_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The JPEG CIFAR-10 copy extracted once per test session: an ImageFolder root with train/ and test/."""
     target = tmp_path_factory.mktemp("cifar10-jpeg")
-    with tarfile.open(shared_dir / "data" / "cifar10-jpeg.tar.gz") as tar:
-        tar.extractall(target, filter="data")
+    # tar(1) unpacks the 60k small files several times faster than Python's tarfile.
+    subprocess.run(["tar", "xzf", str(shared_dir / "data" / "cifar10-jpeg.tar.gz"), "-C", str(target)], check=True)
     return target / "cifar10-jpeg"
 
 

@@ -1,0 +1,5 @@
+"""`python -m dfkd` runs the CLI."""
+
+from dfkd.cli import app
+
+app()
