@@ -38,7 +38,7 @@ def distill_once(synthetic: Path, workdir: Path, tau: str, args: argparse.Namesp
             shutil.copy2(synthetic / name, run / name)
     command = [
         sys.executable, "-m", "dfkd", "distill", "--run", str(run), "--tau", tau, "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size), "--eval-data", args.eval_data, "--device", args.device, "--json",
+        "--batch-size", str(args.batch_size), "--eval-data", args.eval_data, "--device", args.device, "--json", "--overwrite",
         *(["--compile"] if args.compile else []),
     ]
     summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
