@@ -474,6 +474,18 @@ def normalize(
     return out.sub_(stats[0].view(1, -1, 1, 1)).div_(stats[1].view(1, -1, 1, 1))
 
 
+def stratified_subset(labels: Tensor, count: int, seed: int) -> Tensor:
+    """`count` indices spread evenly over the classes (for quick runs on a slice of the data)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    ranks = torch.empty_like(order)
+    sorted_labels = labels[order]
+    for c in sorted_labels.unique():
+        mask = sorted_labels == c
+        ranks[mask] = torch.arange(int(mask.sum()))
+    return order[torch.argsort(ranks, stable=True)[:count]]
+
+
 def iterate_batches(
     num: int,
     batch_size: int,

@@ -24,7 +24,7 @@ from safetensors.torch import save
 
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
 from dfkd.config import config_dict
-from dfkd.data import ImageSet, load_split
+from dfkd.data import ImageSet, load_split, stratified_subset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import check_classes, evaluate_on, predict_logits
 from dfkd.losses import get_loss
@@ -43,7 +43,11 @@ TAU_BINS = 18
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Distillation settings. `lr` is for a batch of 256 and scaled linearly with `batch_size`."""
+    """Distillation settings. `lr` is for a batch of 256 and scaled linearly with `batch_size`.
+
+    `train_subset` trains on a class-balanced slice of N images of the source (0 = all of it), so the
+    real-data baseline can be tried without a full pass over 50k images.
+    """
 
     student: str = "wrn16_1"
     teacher: str = ""
@@ -65,6 +69,7 @@ class DistillConfig:
     holdout: float = 0.1
     val_size: int = 5_000
     compile: bool = False
+    train_subset: int = 0
 
     def __post_init__(self) -> None:
         model_spec(self.student)
@@ -79,6 +84,8 @@ class DistillConfig:
             raise ValueError(f"holdout must be within (0, 0.5), got {self.holdout}")
         if self.val_size < 10:
             raise ValueError("val_size must be at least 10")
+        if self.train_subset < 0:
+            raise ValueError("train_subset must be >= 0 (0 = the whole source)")
 
     @property
     def tau_spec(self) -> TauSpec:
@@ -149,8 +156,8 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
     device = resolve_device(config.device)
     get_loss(config.loss)
     spec = config.tau_spec
-    if spec.mode == "fixed" and config.tau_per == "sample":
-        raise DfkdError("--tau-per sample needs --tau stochastic: a fixed tau is the same for every image")
+    if spec.mode != "stochastic" and config.tau_per == "sample":
+        raise DfkdError(f"--tau-per sample needs --tau stochastic: a {spec.mode} tau is the same for every image")
     teacher_path, teacher_sha = _resolve_teacher(config, run)
     teacher, meta = load_checkpoint(teacher_path)
     if config.data:
@@ -173,6 +180,8 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
         rest, validation = _split_holdout(val_source, config.val_size / len(val_source), config.seed)
         if val_source is source:
             source = rest
+    if config.train_subset:
+        source = source.subset(stratified_subset(source.labels, config.train_subset, config.seed))
     train, holdout = _split_holdout(source, config.holdout, config.seed)
     if len(train) < config.batch_size:
         raise DfkdError(f"only {len(train)} training images for a batch of {config.batch_size}: lower --batch-size or make more images")

@@ -31,12 +31,12 @@ from dfkd.config import apply_overrides, config_dict
 from dfkd.errors import DfkdError
 from dfkd.evaluate import predict_logits
 from dfkd.meter import count_flops
-from dfkd.models import batchnorm_layers
 from dfkd.progress import make_progress
 from dfkd.rundir import RunDir, atomic_path, atomic_write_bytes, sha256_file
 from dfkd.runtime import resolve_device
 from dfkd.stages import StageReport
-from synthesizers import get_synthesizer, list_synthesizers
+from synthesizers import Synthesizer, get_synthesizer, list_synthesizers
+from synthesizers.bn_stats import batchnorm_layers
 
 SYNTHETIC = "synthetic"
 TARGETS_NOTE = "balanced: batch b holds classes (b*B + i) mod C, so every class gets N/C images (±1)"
@@ -91,6 +91,10 @@ class PreparedSynthesis:
     def num_batches(self) -> int:
         return math.ceil(self.config.num_images / self.config.batch_size)
 
+    def batch_count(self, index: int) -> int:
+        """Images in batch `index`: the batch size, fewer in the last batch."""
+        return min(self.config.batch_size, self.config.num_images - index * self.config.batch_size)
+
 
 def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) -> PreparedSynthesis:
     """Validate the method, its settings and the teacher before any file is written."""
@@ -106,8 +110,8 @@ def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) ->
     teacher, meta = load_checkpoint(teacher_path)
     if not batchnorm_layers(teacher):
         raise DfkdError(
-            f"teacher {teacher_path} ({meta.arch}) has no BatchNorm layers: model inversion matches BN statistics, "
-            "so use a teacher with BatchNorm"
+            f"teacher {teacher_path} ({meta.arch}) has no BatchNorm layers with running statistics: model inversion "
+            "matches BN statistics, so use a teacher with BatchNorm"
         )
     return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), resolve_device(config.device))
 
@@ -152,8 +156,18 @@ def _reset_synthetic(run: RunDir) -> None:
     run.write_manifest(manifest)
 
 
+def _shard_count(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["count"])
+
+
 def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -> int:
-    """Make the run dir ready; returns how many complete shards are already there to resume after."""
+    """Make the run dir ready; returns how many complete shards are already there to resume after.
+
+    A shard counts only while it also holds the images this run's batch of that index would (an
+    earlier, smaller --num-images leaves a short last shard), so the final count is exact. Nothing is
+    deleted before the run is known to be resumable.
+    """
     if overwrite:
         _reset_synthetic(run)
     existing = run.read_manifest()["stages"].get("synthesis", {})
@@ -162,12 +176,24 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
             f"run dir {run.root} holds synthetic data made with other settings (method, settings, batch size, seed "
             "or teacher): pass --overwrite to start over or use another --run"
         )
-    done = len(valid_shards(run))
-    for stale in sorted((run.root / SYNTHETIC).glob("shard-*.safetensors"))[done:]:
-        stale.unlink()
-    for stale in (run.root / SYNTHETIC).glob("state-*.safetensors"):
-        if stale != state_path(run, done - 1):
-            stale.unlink()
+    shards = valid_shards(run)[: prepared.num_batches]
+    done = next((i for i, path in enumerate(shards) if _shard_count(path) != prepared.batch_count(i)), len(shards))
+    if done and not _state_intact(run, done - 1) and _build_synthesizer(prepared).state_dict()["tensors"]:
+        raise DfkdError(
+            f"{prepared.config.method} cannot continue after shard {done - 1} of {run.root}: only its state after the "
+            f"last shard is kept, and shard {done} is damaged or holds another number of images; restore that shard "
+            "or pass --overwrite to start over"
+        )
+    folder = run.root / SYNTHETIC
+    stale = sorted(folder.glob("shard-*.safetensors"))[done:]
+    stale += [path for path in folder.glob("state-*.safetensors") if path != state_path(run, done - 1)]
+    # Forget before deleting: a kill in between leaves files without entries, which are never counted.
+    manifest = run.read_manifest()
+    for path in stale:
+        manifest["artifacts"].pop(run.relative(path), None)
+    run.write_manifest(manifest)
+    for path in stale:
+        path.unlink()
     return done
 
 
@@ -189,12 +215,23 @@ def _drop_state(run: RunDir, index: int) -> None:
     path.unlink(missing_ok=True)
 
 
-def _load_state(run: RunDir, synthesizer: Any, index: int) -> None:
-    """Restore the state saved with shard `index`, checked against its manifest hash."""
+def _state_intact(run: RunDir, index: int) -> bool:
     path = state_path(run, index)
     entry = run.read_manifest()["artifacts"].get(run.relative(path)) if path.exists() else None
-    if entry is None or entry["sha256"] != sha256_file(path):
-        raise DfkdError(f"{path} is missing or does not match the manifest: pass --overwrite to start the synthesis over")
+    return entry is not None and entry["sha256"] == sha256_file(path)
+
+
+def _load_state(run: RunDir, synthesizer: Synthesizer, index: int) -> None:
+    """Restore the state saved with shard `index`, checked against its manifest hash.
+
+    A method that keeps nothing across batches (DeepInversion) needs no state, so it can re-make any
+    shard, also one before the last.
+    """
+    path = state_path(run, index)
+    if not _state_intact(run, index):
+        if synthesizer.state_dict()["tensors"]:
+            raise DfkdError(f"{path} is missing or does not match the manifest: pass --overwrite to start the synthesis over")
+        return
     with safe_open(str(path), framework="pt") as f:
         scalars = json.loads(f.metadata()["scalars"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -251,10 +288,7 @@ def synthesize_stage(
     """Make the remaining shards, then the preview and the quality figures; record all in the manifest."""
     config, device = prepared.config, prepared.device
     meta = prepared.teacher_meta
-    method_class = get_synthesizer(config.method)
-    synthesizer = method_class(
-        prepared.teacher, prepared.method_config, device, meta.mean, meta.std, meta.num_classes, meta.input_size
-    )
+    synthesizer = _build_synthesizer(prepared)
     if start_shard:
         _load_state(run, synthesizer, start_shard - 1)
     run.update_manifest(
@@ -281,7 +315,7 @@ def synthesize_stage(
             progress.update(task, info=f"step {step}/{iterations} loss {loss.item():.3f}  {rate:,.0f} img-steps/s")
 
         for index in range(start_shard, prepared.num_batches):
-            count = min(config.batch_size, config.num_images - index * config.batch_size)
+            count = prepared.batch_count(index)
             torch.manual_seed(config.seed * 1_000_003 + index)
             targets = batch_targets(index, config.batch_size, count, meta.num_classes)
             batch = synthesizer.synthesize(targets, progress=report_step)
@@ -323,6 +357,16 @@ def synthesize_stage(
         flops_probe=lambda: synthesis_step_flops(prepared),
         flops_units=image_steps,
         flops_unit_name="image-step",
+    )
+
+
+def _build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
+    """The method's synthesizer; what it draws when built (CMI's head) comes from the run's seed, not
+    from whatever the process drew before, so two runs with one seed make the same images."""
+    meta = prepared.teacher_meta
+    torch.manual_seed(prepared.config.seed)
+    return get_synthesizer(prepared.config.method)(
+        prepared.teacher, prepared.method_config, prepared.device, meta.mean, meta.std, meta.num_classes, meta.input_size
     )
 
 

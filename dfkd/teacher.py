@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
 from dfkd.config import config_dict
-from dfkd.data import check_data_path, load_split
+from dfkd.data import check_data_path, load_split, stratified_subset
 from dfkd.evaluate import evaluate_on
 from dfkd.models import create_model, model_spec
 from dfkd.rundir import RunDir, utc_now
@@ -54,18 +54,6 @@ class TeacherConfig:
         return self.lr * self.batch_size / 128
 
 
-def _stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """`count` indices spread evenly over the classes (for quick runs on a slice of the data)."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
-    ranks = torch.empty_like(order)
-    sorted_labels = labels[order]
-    for c in sorted_labels.unique():
-        mask = sorted_labels == c
-        ranks[mask] = torch.arange(int(mask.sum()))
-    return order[torch.argsort(ranks, stable=True)[:count]]
-
-
 def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: bool = True) -> StageReport:
     """Train `config.arch` on the training split of `config.data`, save it to `out` and record it in `run`."""
     device = resolve_device(config.device)
@@ -73,7 +61,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
     train_set = load_split(Path(config.data), "train")
     test_set = load_split(Path(config.data), "test")
     if config.train_subset:
-        train_set = train_set.subset(_stratified_subset(train_set.labels, config.train_subset, config.seed))
+        train_set = train_set.subset(stratified_subset(train_set.labels, config.train_subset, config.seed))
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     model = prepare_model(create_model(config.arch, train_set.num_classes), device)
     steps_per_epoch = len(train_set.images) // config.batch_size
