@@ -106,10 +106,13 @@ class Synthesizer(ABC):
 
     def teacher_logits(self, images: Tensor, stat_rows: int | None = None) -> Tensor:
         """Teacher logits of [0, 1] images; the hooks record R_BN (over `stat_rows` rows) meanwhile."""
+        return self.teacher_normalised((images - self.mean) / self.std, stat_rows)
+
+    def teacher_normalised(self, inputs: Tensor, stat_rows: int | None = None) -> Tensor:
+        """Teacher logits of already normalised inputs ((pixel − mean) / std), recording R_BN meanwhile."""
         self.statistics.reset()
         self.statistics.stat_rows = stat_rows
-        normalised = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        return self.teacher(normalised)
+        return self.teacher(inputs.contiguous(memory_format=self.memory_format))
 
     @torch.no_grad()
     def clean_logits(self, images: Tensor) -> Tensor:

@@ -133,6 +133,7 @@ class CMI(Synthesizer):
 
     State across batches (saved by `state_dict`): the bank (a ring buffer of `bank_size` raw instance
     features on the device, its write pointer and fill count), the head's weights and its Adam state.
+    The bank holds bank_size × Σ_l C_l fp32 numbers: 443 MB for a WRN-40-2 at the published 40,960.
     """
 
     name: ClassVar[str] = "cmi"
@@ -152,12 +153,14 @@ class CMI(Synthesizer):
     ) -> None:
         super().__init__(teacher, config, device, mean, std, num_classes, image_size)
         if image_size % 4:
-            raise ValueError(f"CMI's generator upsamples twice by 2: image_size must be a multiple of 4, got {image_size}")
+            raise ValueError(f"CMI's generator upsamples 4×: image_size must be a multiple of 4, got {image_size}")
         dim = self.statistics.feature_dim
         self.head = nn.Sequential(
             nn.Linear(dim, config.head_dim), nn.ReLU(), nn.Linear(config.head_dim, config.head_dim)
         ).to(self.device)
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.head_lr, betas=(config.beta1, config.beta2))
+        self.head_optimizer = torch.optim.Adam(
+            self.head.parameters(), lr=config.head_lr, betas=(config.beta1, config.beta2)
+        )
         self.bank = torch.zeros(config.bank_size, dim, device=self.device)
         self.bank_pointer = 0
         self.bank_count = 0
@@ -195,6 +198,7 @@ class CMI(Synthesizer):
         best_losses = torch.full((n,), float("inf"), device=self.device)
         for step in range(cfg.iterations):
             with self.autocast():
+                # A bf16 sigmoid output is as fine-grained as 8-bit pixels, which is all an image keeps.
                 images = generator(z).float()
             views = torch.cat([self.local_view(images), self.global_view(images)])
             with self.autocast():
@@ -258,7 +262,9 @@ class CMI(Synthesizer):
         }
         for key, value in expected.items():
             if scalars.get(key) != value:
-                raise ValueError(f"state has {key}={scalars.get(key)}, this CMI has {value}: resume with the same config and teacher")
+                raise ValueError(
+                    f"state has {key}={scalars.get(key)}, this CMI has {value}: resume with the same config and teacher"
+                )
         count, pointer = int(scalars["bank_count"]), int(scalars["bank_pointer"])
         bank = tensors["bank"]
         if bank.shape != (count, self.statistics.feature_dim) or not 0 <= pointer < self.config.bank_size:

@@ -1,15 +1,18 @@
 """DeepInversion (Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020).
 
-The pixels themselves are optimised, from uniform noise, so that a frozen teacher assigns them to the
-target classes while the statistics at its BN inputs match the stored running ones:
+The pixels themselves are optimised, from Gaussian noise, so that a frozen teacher assigns them to
+the target classes while the statistics at its BN inputs match the stored running ones:
 
     min_x  α_BN·R_BN(x̃) + α_CE·CE(f(x̃), y) + α_TV·R_TV(x) + α_l2·R_l2(x)
 
 with x̃ = flip(roll(x, δ)) a random jitter (δ uniform in ±jitter·size pixels, wrapping around, one
 offset per batch) and a random horizontal flip (p = 0.5, per batch) drawn anew every step. The priors
 are per image: R_TV(x_i) = ‖∂_h x_i‖₂ + ‖∂_w x_i‖₂ (ℓ2 norms of the vertical and horizontal
-finite differences) and R_l2(x_i) = ‖(x_i − mean) / std‖₂. R_BN (see `bn_stats`) is a batch term.
-Adam (lr 0.1, betas 0.5/0.99) updates x, kept in [0, 1] by clamping after every step.
+finite differences) and R_l2(x_i) = ‖x_i‖₂. R_BN (see `bn_stats`) is a batch term.
+As in the published method, x lives in the teacher's normalised input space ((pixel − mean) / std):
+Adam (lr 0.1, betas 0.5/0.99) updates it there, and after every step it is clamped to the range that
+maps back to pixels in [0, 1]. (The same lr on [0, 1] pixels would take steps about 1/std ≈ 5× as
+large; measured on an H100 at 2,000 steps that left the BN loss at 52 instead of 6.7.)
 
 Adaptive DeepInversion's student-competition term is left out: in this two-stage pipeline no student
 exists while images are synthesised.
@@ -31,8 +34,7 @@ from synthesizers.base import Progress, SynthesisBatch, Synthesizer, Synthesizer
 class DeepInversionConfig:
     """DeepInversion's hyper-parameters; the defaults are the published CIFAR-10 ones (2,000 steps).
 
-    `lr` acts on pixels in [0, 1]. Where the published lr was meant for normalised pixels (CIFAR's std
-    is about 0.2), the same number here takes Adam steps about 5× as large.
+    `lr` acts on normalised pixels, as published.
     """
 
     iterations: int = 2000
@@ -94,37 +96,37 @@ class DeepInversion(Synthesizer):
         targets = self.check_targets(targets)
         n, size = targets.numel(), self.image_size
         shift = round(cfg.jitter * size)
-        pixels = torch.rand(n, 3, size, size, device=self.device).contiguous(memory_format=self.memory_format)
-        pixels.requires_grad_(True)
-        optimizer = torch.optim.Adam([pixels], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-        best_images = pixels.detach().clone()
+        low, high = (0.0 - self.mean) / self.std, (1.0 - self.mean) / self.std
+        inputs = torch.randn(n, 3, size, size, device=self.device).clamp_(low, high)
+        inputs = inputs.contiguous(memory_format=self.memory_format).requires_grad_(True)
+        optimizer = torch.optim.Adam([inputs], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        best_images = (inputs.detach() * self.std + self.mean).clamp_(0.0, 1.0)
         best_losses = torch.full((n,), float("inf"), device=self.device)
         for step in range(cfg.iterations):
             # Offsets come from the CPU generator: drawing them costs no device sync.
             dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
             flip = cfg.flip and bool(torch.rand(()) < 0.5)
-            view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
+            view = torch.roll(inputs, shifts=(dy, dx), dims=(2, 3))
             if flip:
                 view = view.flip(3)
             with self.autocast():
-                logits = self.teacher_logits(view)
+                logits = self.teacher_normalised(view)
             per_image = cfg.ce_weight * F.cross_entropy(logits.float(), targets, reduction="none")
             per_image = per_image + cfg.bn_weight * self.statistics.loss()
             if cfg.tv_weight > 0:
-                per_image = per_image + cfg.tv_weight * total_variation(pixels)
+                per_image = per_image + cfg.tv_weight * total_variation(inputs)
             if cfg.l2_weight > 0:
-                normalised = ((pixels - self.mean) / self.std).flatten(1)
-                per_image = per_image + cfg.l2_weight * torch.linalg.vector_norm(normalised, dim=1)
+                per_image = per_image + cfg.l2_weight * torch.linalg.vector_norm(inputs.flatten(1), dim=1)
             loss = per_image.mean()
             with torch.no_grad():
                 improved = per_image < best_losses
-                best_images = keep_lowest(best_images, pixels, improved)
+                best_images = keep_lowest(best_images, (inputs * self.std + self.mean).clamp_(0.0, 1.0), improved)
                 best_losses = torch.where(improved, per_image, best_losses)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                pixels.clamp_(0.0, 1.0)
+                inputs.copy_(torch.maximum(torch.minimum(inputs, high), low))
             if progress is not None and (step + 1) % cfg.log_every == 0:
                 progress(step + 1, loss.detach())
         return SynthesisBatch(best_images, best_losses, self.clean_logits(best_images))
