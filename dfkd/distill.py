@@ -252,7 +252,8 @@ def _load_resume(
 def _tau_summary(drawn: list[float | torch.Tensor], tau_range: tuple[float, ...]) -> dict[str, Any]:
     """Histogram and moments of the τ values drawn in one epoch (what the report shows)."""
     values = torch.cat([torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for v in drawn])
-    low, high = tau_range
+    # A fixed tau may lie outside the stochastic range; widen the bins so it is still counted.
+    low, high = min(tau_range[0], float(values.min())), max(tau_range[1], float(values.max()))
     return {
         "count": len(values), "mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
         "histogram": torch.histc(values, bins=TAU_BINS, min=low, max=high).int().tolist(), "bins": [low, high, TAU_BINS],
@@ -438,6 +439,19 @@ def record_trial(run: RunDir, trial: str, result: dict[str, Any]) -> None:
     run.write_manifest(manifest)
 
 
+def finished_result(run: RunDir) -> dict[str, Any] | None:
+    """The recorded result when this run's distillation already finished and its student is intact.
+
+    Rerunning a finished command then does no work and meters nothing (no duplicate ledger records).
+    """
+    stage = run.read_manifest()["stages"].get("distillation", {})
+    final = run.root / STUDENT / "student.safetensors"
+    entry = run.read_manifest()["artifacts"].get(run.relative(final)) if final.exists() else None
+    if "result" in stage and entry is not None and entry["sha256"] == sha256_file(final):
+        return stage["result"]
+    return None
+
+
 def run_distillation(
     prepared: PreparedDistill,
     run: RunDir,
@@ -450,6 +464,9 @@ def run_distillation(
     """
     config = prepared.config
     record_config(prepared, run)
+    finished = finished_result(run)
+    if finished is not None:
+        return finished
     results: dict[str, dict[str, Any]] = {}
     grid = config.tau_spec.mode == "grid"
     for trial in prepared.trials:

@@ -187,6 +187,7 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
     folder = run.root / SYNTHETIC
     stale = sorted(folder.glob("shard-*.safetensors"))[done:]
     stale += [path for path in folder.glob("state-*.safetensors") if path != state_path(run, done - 1)]
+    stale += list(folder.glob(".*.tmp"))  # temporaries of a process killed mid-write
     # Forget before deleting: a kill in between leaves files without entries, which are never counted.
     manifest = run.read_manifest()
     for path in stale:
