@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from dfkd.checkpoints import load_checkpoint
+from dfkd.checkpoints import CheckpointMeta, load_checkpoint
 from dfkd.models import create_model
 from synthesizers import (
     CMI,
@@ -19,6 +20,7 @@ from synthesizers import (
     CMIConfig,
     DeepInversion,
     DeepInversionConfig,
+    SynthesisBatch,
     Synthesizer,
     get_synthesizer,
     list_synthesizers,
@@ -90,12 +92,12 @@ def test_defaults_are_the_published_settings() -> None:
     assert dataclasses.asdict(DeepInversionConfig()) == dict(
         iterations=2000, lr=0.1, beta1=0.5, beta2=0.99, bn_weight=10.0, ce_weight=1.0, tv_weight=1e-3,
         l2_weight=0.0, jitter=0.125, flip=True, amp=True, compile=False, log_every=50,
-    )  # fmt: skip
+    )
     assert dataclasses.asdict(CMIConfig()) == dict(
         iterations=200, lr=1e-3, head_lr=1e-3, beta1=0.5, beta2=0.999, nz=256, ngf=64, bn_weight=1.0,
         ce_weight=1.0, contrastive_weight=0.8, temperature=0.1, bank_size=40960, num_negatives=4096,
         head_dim=256, amp=True, compile=False, log_every=50,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
@@ -320,18 +322,20 @@ BEHAVIOUR = {
 
 
 @pytest.fixture(scope="module")
-def reference(reference_teacher):  # type: ignore[no-untyped-def]
+def reference(reference_teacher: Path) -> tuple[nn.Module, CheckpointMeta]:
     return load_checkpoint(reference_teacher)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_inversion_matches_bn_statistics_and_hits_targets(method: str, reference) -> None:  # type: ignore[no-untyped-def]
+def test_inversion_matches_bn_statistics_and_hits_targets(
+    method: str, reference: tuple[nn.Module, CheckpointMeta]
+) -> None:
     teacher, meta = reference
     targets = torch.arange(10)
     cls = get_synthesizer(method)
 
-    def run(iterations: int):  # type: ignore[no-untyped-def]
+    def run(iterations: int) -> SynthesisBatch:
         torch.manual_seed(0)
         config = cls.config_class(**{**BEHAVIOUR[method], "iterations": iterations})
         return cls(teacher, config, CPU, meta.mean, meta.std, 10).synthesize(targets)
