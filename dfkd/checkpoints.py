@@ -92,8 +92,16 @@ def checkpoint_bytes(model: nn.Module, meta: CheckpointMeta) -> bytes:
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> str:
-    """Write model + metadata atomically to `path`; returns the file's sha256."""
-    return atomic_write_bytes(Path(path), checkpoint_bytes(model, meta))
+    """Write model + metadata atomically to `path`; returns the file's sha256.
+
+    An unwritable path (a folder, no permission, a full disk) is the user's to fix, so it is a `DfkdError`.
+    """
+    try:
+        return atomic_write_bytes(Path(path), checkpoint_bytes(model, meta))
+    except OSError as exc:
+        raise DfkdError(
+            f"cannot write checkpoint {path} ({exc.strerror}): choose a writable .safetensors file path"
+        ) from None
 
 
 def read_meta(path: Path) -> CheckpointMeta:
@@ -180,7 +188,9 @@ def import_pth(src: Path, dst: Path, meta: CheckpointMeta) -> str:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
         raise DfkdError(f"{src} is not a weights-only PyTorch file ({type(exc).__name__}): export its state_dict") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise DfkdError(f"{src} holds no state dict of tensors: save model.state_dict() and import that")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = create_model(meta.arch, meta.num_classes)

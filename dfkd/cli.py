@@ -114,6 +114,9 @@ def teacher_train(
 
     if out_path.suffix != ".safetensors":
         raise DfkdError(f"--out {out_path} must end in .safetensors")
+    if out_path.is_dir():
+        # Caught here, not when the trained model is saved hours later.
+        raise DfkdError(f"--out {out_path} is a folder: pass the path of a .safetensors file to write")
     config = apply_overrides(
         TeacherConfig(),
         {
@@ -234,7 +237,7 @@ def synthesize_command(
     """Invert the teacher into synthetic image shards; metered as stage `synthesis`. Resumes by default."""
     from dfkd.config import parse_set_options
     from dfkd.stages import run_metered
-    from dfkd.synthesis import SynthesisConfig, prepare_run_dir, prepare_synthesis, synthesize_stage
+    from dfkd.synthesis import SynthesisConfig, finished_result, prepare_run_dir, prepare_synthesis, synthesize_stage
 
     config = apply_overrides(
         SynthesisConfig(),
@@ -247,20 +250,24 @@ def synthesize_command(
     run_dir = RunDir.open(run or default_run_dir(method))
     with run_dir.locked():
         start = prepare_run_dir(run_dir, prepared, overwrite)
-        run_dir.update_manifest(carbon=config_dict(carbon))
-        info = {"method": method, "num_images": num_images, "batch_size": batch_size, "resumed_after_shard": start}
-        report = run_metered(
-            run_dir, "synthesis", carbon, prepared.device, info,
-            lambda: synthesize_stage(prepared, run_dir, start, show_progress=not as_json),
-        )
-    quality = report.result["quality"]
+        result = finished_result(run_dir, prepared, start)
+        work: dict = {"images_made": 0, "already_finished": True}
+        if result is None:
+            run_dir.update_manifest(carbon=config_dict(carbon))
+            info = {"method": method, "num_images": num_images, "batch_size": batch_size, "resumed_after_shard": start}
+            report = run_metered(
+                run_dir, "synthesis", carbon, prepared.device, info,
+                lambda: synthesize_stage(prepared, run_dir, start, show_progress=not as_json),
+            )
+            result, work = report.result, report.work
+    quality = result["quality"]
     if as_json:
-        print_json({"run": str(run_dir.root), **report.result, "work": report.work})
+        print_json({"run": str(run_dir.root), **result, "work": work})
         return
     out.print(
         f"{quality['images']} synthetic images in {run_dir.root / 'synthetic'}: teacher agrees with the target on "
         f"{quality['target_agreement']:.1f} %, mean confidence {quality['mean_confidence']:.3f}, "
-        f"diversity (mean cosine) {quality['diversity_mean_cosine']:.3f}; preview {report.result['preview']}"
+        f"diversity (mean cosine) {quality['diversity_mean_cosine']:.3f}; preview {result['preview']}"
     )
 
 
@@ -283,6 +290,7 @@ def distill_command(
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Report accuracy on this data's test split."),
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="Pick the grid winner by accuracy on a slice of this data's training split."),
     eval_every: int = typer.Option(0, "--eval-every", help="Also evaluate every N epochs (0 = only at the end)."),
+    train_subset: int = typer.Option(0, "--train-subset", help="With --data: train on a class-balanced slice of N images (0 = all)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard this run's earlier distillation and start over."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile student and teacher on CUDA."),
     device: str = DEVICE,
@@ -303,6 +311,7 @@ def distill_command(
             "tau_per": tau_per, "loss": loss, "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "seed": seed, "device": device, "data": str(data or ""), "eval_data": str(eval_data or ""),
             "val_data": str(val_data or ""), "eval_every": eval_every, "compile": compile_model,
+            "train_subset": train_subset,
         },
         "distillation setting",
     )
@@ -327,3 +336,49 @@ def distill_command(
         f"{winner}student {run_dir.root / 'student' / 'student.safetensors'}: {accuracy}"
         f"agreement with the teacher on held-out synthetic images {summary['holdout_agreement']:.2f} %"
     )
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="One or more run dirs, shown side by side."),
+    fmt: str = typer.Option("table", "--format", help="table | json | markdown | html (one self-contained file)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write to this file (atomically) instead of stdout."),
+) -> None:
+    """The per-stage carbon report: energy, CO2eq, FLOPs and results of every ledger record."""
+    from dfkd.report import build_report
+    from dfkd.report_render import render, render_table
+    from dfkd.rundir import atomic_write_bytes
+
+    report = build_report(runs)
+    if out_file is None and fmt == "table":
+        out.print(render_table(report))
+        return
+    text = render(report, fmt)
+    if out_file is None:
+        typer.echo(text, nl=False)
+        return
+    atomic_write_bytes(out_file, text.encode())
+    err.print(f"wrote {out_file}", highlight=False)
+
+
+@app.command("audit")
+@user_errors
+def audit_command(
+    run: Path = typer.Argument(..., help="The run dir to verify."),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="A saved `dfkd report --format json` to check against the run too."),
+    as_json: bool = JSON,
+) -> None:
+    """Re-hash every artifact, check the ledger's hash chain and the totals; exit 1 on any mismatch."""
+    from dfkd.audit import audit_run
+    from dfkd.report import load_report
+
+    problems = audit_run(run, load_report(report_file) if report_file else None)
+    if as_json:
+        print_json({"run": str(run), "ok": not problems, "problems": problems})
+    else:
+        for problem in problems:
+            out.print(problem, markup=False, highlight=False)
+        if not problems:
+            out.print("OK", highlight=False)
+    raise typer.Exit(1 if problems else 0)

@@ -147,8 +147,14 @@ def load_split(path: Path | str, split: Split) -> ImageSet:
 
 
 def check_data_path(path: Path | str) -> Layout:
-    """The layout at `path`, or a `DfkdError`: lets a command fail before it makes a run dir or meters a stage."""
-    layout, _ = _find_layout(Path(path).expanduser())
+    """The layout at `path`, or a `DfkdError`: lets a command fail before it makes a run dir or meters a stage.
+
+    For an ImageFolder this also lists both splits' class folders (cheap; no image is decoded).
+    """
+    layout, root = _find_layout(Path(path).expanduser())
+    if layout == "imagefolder":
+        for split in ("train", "test"):
+            _list_image_folder(root, split)
     return layout
 
 

@@ -198,6 +198,20 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
     return done
 
 
+def finished_result(run: RunDir, prepared: PreparedSynthesis, done: int) -> dict[str, Any] | None:
+    """The recorded result when every shard is made and the quality figures are recorded, else None.
+
+    Rerunning a finished synthesis then does no work and meters nothing (no empty ledger records).
+    """
+    stage = run.read_manifest()["stages"].get("synthesis", {})
+    preview = run.root / SYNTHETIC / "preview.png"
+    if done < prepared.num_batches or "quality" not in stage or stage.get("images") != prepared.config.num_images:
+        return None
+    if not preview.exists():
+        return None
+    return {"quality": stage["quality"], "preview": run.relative(preview), "shards": stage["shards"]}
+
+
 def state_path(run: RunDir, index: int) -> Path:
     return run.root / SYNTHETIC / f"state-{index:05d}.safetensors"
 

@@ -259,7 +259,9 @@ def test_pth_with_arbitrary_objects_is_refused(tmp_path: Path, payload: object) 
 
 
 @pytest.mark.parametrize(
-    "obj", [[torch.zeros(1)], {"conv1.weight": torch.zeros(1), "epoch": 3}, {"state_dict": [1, 2]}, torch.zeros(3)]
+    "obj",
+    [[torch.zeros(1)], {"conv1.weight": torch.zeros(1), "epoch": 3}, {"state_dict": [1, 2]}, torch.zeros(3), {1: torch.zeros(1)}],
+    ids=["list", "non-tensor-value", "state_dict-list", "tensor", "int-key"],
 )
 def test_pth_without_a_state_dict_of_tensors(tmp_path: Path, obj: object) -> None:
     src = tmp_path / "odd.pth"
@@ -287,3 +289,11 @@ def test_pth_import_of_garbage_and_of_nothing(tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="does not exist: pass the path of a .pth file"):
         import_pth(tmp_path / "missing.pth", tmp_path / "m.safetensors", META)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pth"]
+
+
+def test_unwritable_destination(tmp_path: Path) -> None:
+    folder = tmp_path / "taken.safetensors"
+    folder.mkdir()
+    with pytest.raises(DfkdError, match="cannot write checkpoint .*taken.safetensors"):
+        save_checkpoint(folder, trained_tiny(), META)
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]

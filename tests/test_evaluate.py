@@ -73,27 +73,26 @@ def test_reference_teacher_metrics_are_consistent(teacher_metrics: dict[str, Any
     assert teacher_metrics["kappa"] == pytest.approx((0.9118 - 0.1) / 0.9, abs=0.002)
 
 
-def test_batching_does_not_change_predictions(reference_teacher: Path, cifar_jpeg_root: Path) -> None:
-    model, meta = load_checkpoint(reference_teacher)
-    images = load_split(cifar_jpeg_root, "test").images[:96]
+def test_api_on_a_slice(reference_student: Path, cifar_jpeg_root: Path) -> None:
+    """Batching leaves the logits alone, features feed fc, and evaluate_on scores the argmax against the labels.
+
+    The WRN-16-1 reference (87.04 %) keeps this cheap; the teacher's full evaluation is the fixture above.
+    """
+    model, meta = load_checkpoint(reference_student)
+    subset = load_split(cifar_jpeg_root, "test").subset(torch.arange(0, 10_000, 100))
     cpu = torch.device("cpu")
-    whole = predict_logits(model, images, meta.mean, meta.std, cpu)
-    batched = predict_logits(model, images, meta.mean, meta.std, cpu, batch_size=40)
-    assert whole.shape == (96, 10) and whole.dtype == torch.float32
+    whole = predict_logits(model, subset.images, meta.mean, meta.std, cpu)
+    batched = predict_logits(model, subset.images, meta.mean, meta.std, cpu, batch_size=40)
+    assert whole.shape == (100, 10) and whole.dtype == torch.float32
     torch.testing.assert_close(batched, whole, rtol=1e-4, atol=1e-4)
-    features = predict_logits(model, images, meta.mean, meta.std, cpu, batch_size=40, features=True)
-    assert features.shape == (96, model.num_features)
+    features = predict_logits(model, subset.images, meta.mean, meta.std, cpu, batch_size=40, features=True)
+    assert features.shape == (100, model.num_features)
     torch.testing.assert_close(model.fc(features), whole, rtol=1e-4, atol=1e-4)
-
-
-def test_evaluate_on_a_subset_matches_its_labels(reference_teacher: Path, cifar_jpeg_root: Path) -> None:
-    model, meta = load_checkpoint(reference_teacher)
-    test_set = load_split(cifar_jpeg_root, "test")
-    subset = test_set.subset(torch.arange(0, 10_000, 100))
-    metrics = evaluate_on(model, subset, meta.mean, meta.std, torch.device("cpu"))
+    metrics = evaluate_on(model, subset, meta.mean, meta.std, cpu)
     assert metrics["count"] == 100
-    assert [row["support"] for row in metrics["per_class"]] == subset.labels.bincount(minlength=10).tolist()
-    assert metrics["accuracy"] > 80
+    assert metrics["accuracy"] == pytest.approx((whole.argmax(1) == subset.labels).sum().item())
+    assert [row["support"] for row in metrics["per_class"]] == [10] * 10
+    assert metrics["accuracy"] > 75
 
 
 def test_class_count_mismatch_is_refused(tmp_path: Path, cifar_jpeg_root: Path) -> None:

@@ -1,0 +1,333 @@
+"""The `dfkd` command through typer's CliRunner: teacher training, checkpoint info/import, evaluate, bad input.
+
+Bad input must end in exit code 2 and exactly one stderr line starting with "error:" (no traceback),
+with nothing half-written left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, load_checkpoint, save_checkpoint
+from dfkd.cli import app
+from dfkd.errors import DfkdError
+from dfkd.meter import read_ledger, verify_ledger
+from dfkd.models import create_model, list_models, model_spec
+from dfkd.rundir import sha256_file
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path) -> Result:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def make_image_folder(root: Path, classes: dict[str, list[str]], per_class: int = 4) -> Path:
+    """An ImageFolder root of random 32x32 PNGs: `classes` maps each split to its class folders."""
+    rng = np.random.default_rng(0)
+    for split, names in classes.items():
+        for name in names:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_checkpoint(path: Path, num_classes: int) -> Path:
+    torch.manual_seed(0)
+    save_checkpoint(
+        path, create_model("tiny", num_classes), CheckpointMeta("tiny", num_classes, CIFAR10_MEAN, CIFAR10_STD, "toy")
+    )
+    return path
+
+
+def assert_user_error(result: Result, *words: str) -> str:
+    """Exit 2, nothing on stdout, one line on stderr starting with 'error:' that contains `words`."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")} if folder.exists() else set()
+
+
+@pytest.fixture
+def toy_data(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "toy", {"train": ["ant", "bee", "cat"], "test": ["ant", "bee", "cat"]})
+
+
+@pytest.fixture
+def lopsided_data(tmp_path: Path) -> Path:
+    """train/ has three classes, test/ only two: every label after the gap would shift."""
+    return make_image_folder(tmp_path / "lopsided", {"train": ["ant", "bee", "cat"], "test": ["ant", "cat"]})
+
+
+# ------------------------------------------------------------------------------------ happy paths
+
+
+def test_no_arguments_prints_help() -> None:
+    result = invoke()
+    assert result.exit_code in (0, 2)  # click >= 8.2 exits 2 after no_args_is_help
+    assert "Usage:" in result.stdout
+    for command in ("teacher", "checkpoint", "evaluate", "models", "synthesize", "distill"):
+        assert command in result.stdout
+    assert "Traceback" not in result.output
+    sub = invoke("checkpoint")
+    assert "Usage:" in sub.stdout and "info" in sub.stdout and "import" in sub.stdout
+
+
+def test_models_json() -> None:
+    result = invoke("models", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["name"] for row in rows] == list_models()
+    assert {row["name"]: row["params_at_10_classes"] for row in rows}["wrn40_2"] == 2_243_546
+    assert all(row["description"] == model_spec(row["name"]).description for row in rows)
+
+
+def test_teacher_train_writes_checkpoint_ledger_and_manifest(tmp_path: Path, cifar_jpeg_root: Path) -> None:
+    out, run = tmp_path / "ckpt" / "tiny.safetensors", tmp_path / "run"
+    result = invoke(
+        "teacher", "train", "--arch", "tiny", "--data", cifar_jpeg_root, "--out", out, "--run", run,
+        "--epochs", "1", "--train-subset", "500", "--batch-size", "100", "--device", "cpu", "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["checkpoint"] == str(out) and summary["run"] == str(run)
+    assert 0 <= summary["test_acc"] <= 100
+
+    digest = sha256_file(out)
+    _, meta = load_checkpoint(out, arch="tiny", num_classes=10)
+    assert meta.arch == "tiny" and meta.num_classes == 10
+    assert meta.test_acc == round(summary["test_acc"], 2)
+    assert meta.mean == CIFAR10_MEAN and meta.std == CIFAR10_STD
+    assert meta.extra["epochs"] == "1" and meta.extra["recipe"] == "dfkd teacher train"
+    assert files_under(out.parent) == {"tiny.safetensors"}
+
+    records = read_ledger(run / "carbon.jsonl")
+    assert len(records) == 1
+    record = records[0]
+    assert record["stage"] == "teacher-training" and record["status"] == "complete" and record["error"] is None
+    assert record["energy_kwh"]["total"] > 0
+    assert record["result"]["checkpoint_sha256"] == digest
+    assert record["work"]["images"] == 500 and record["work"]["device"] == "cpu"
+    assert record["flops"] > 0
+    assert verify_ledger(run / "carbon.jsonl") == []
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    teacher = manifest["stages"]["teacher"]
+    assert teacher["checkpoint"] == str(out) and teacher["checkpoint_sha256"] == digest
+    assert teacher["config"]["arch"] == "tiny" and teacher["config"]["train_subset"] == 500
+    assert [entry["epoch"] for entry in teacher["log"]] == [1]
+    assert teacher["log"][0]["test_acc"] == summary["test_acc"]
+    assert manifest["carbon"]["pue"] == 1.67
+    assert files_under(run) == {"carbon.jsonl", "manifest.json", ".lock"}
+
+
+def test_checkpoint_info(reference_teacher: Path) -> None:
+    result = invoke("checkpoint", "info", reference_teacher, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["arch"] == "wrn40_2" and info["num_classes"] == "10" and info["test_acc"] == "91.20"
+    assert info["mean"] == "0.4914,0.4822,0.4465" and info["std"] == "0.2023,0.1994,0.201"
+    assert info["sha256"] == sha256_file(reference_teacher) and info["path"] == str(reference_teacher)
+    table = invoke("checkpoint", "info", reference_teacher)
+    assert table.exit_code == 0 and "wrn40_2" in table.stdout and "sha256" in table.stdout and "91.20" in table.stdout
+
+
+def test_checkpoint_import(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny", 10)
+    src, dst = tmp_path / "w.pth", tmp_path / "w.safetensors"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, src)
+    result = invoke("checkpoint", "import", src, dst, "--arch", "tiny", "--test-acc", "55.5", "--dataset", "toy", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"path": str(dst), "sha256": sha256_file(dst)}
+    loaded, meta = load_checkpoint(dst)
+    assert (meta.arch, meta.num_classes, meta.dataset, meta.test_acc) == ("tiny", 10, "toy", 55.5)
+    assert meta.mean == CIFAR10_MEAN and meta.std == CIFAR10_STD
+    for key, value in loaded.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_evaluate_prints_tables(tmp_path: Path, toy_data: Path) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "tiny3.safetensors", 3)
+    result = invoke("evaluate", checkpoint, "--data", toy_data, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.stdout and "kappa" in result.stdout and "(12 images)" in result.stdout
+    assert "per class" in result.stdout and "confusion matrix" in result.stdout
+    for name in ("ant", "bee", "cat", "macro"):
+        assert name in result.stdout
+
+
+def test_debug_shows_the_exception(tmp_path: Path) -> None:
+    result = invoke("--debug", "evaluate", tmp_path / "missing.safetensors", "--data", tmp_path)
+    assert isinstance(result.exception, DfkdError)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def corrupt(tmp_path: Path) -> Path:
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(random.Random(0).randbytes(2048))
+    return path
+
+
+@pytest.fixture
+def truncated(tmp_path: Path) -> Path:
+    data = tiny_checkpoint(tmp_path / "whole.safetensors", 3).read_bytes()
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def teacher_train(tmp_path: Path, data: Path, *extra: str) -> Result:
+    return invoke(
+        "teacher", "train", "--data", data, "--out", tmp_path / "out" / "t.safetensors", "--run", tmp_path / "run",
+        "--epochs", "1", "--device", "cpu", *extra,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (("--arch", "resnet9000"), ("unknown model 'resnet9000'", "wrn40_2")),
+        (("--arch", "tiny", "--epochs", "0"), ("invalid teacher setting",)),
+        (("--arch", "tiny", "--pue", "7"), ("invalid carbon setting", "pue")),
+        (("--arch", "tiny", "--country", "Narnia"), ("invalid carbon setting", "country")),
+        (("--arch", "tiny", "--device", "tpu"), ("unknown device 'tpu'",)),
+    ],
+)
+def test_teacher_train_bad_settings_leave_nothing(tmp_path: Path, toy_data: Path, extra: tuple[str, ...], words: tuple[str, ...]) -> None:
+    assert_user_error(teacher_train(tmp_path, toy_data, *extra), *words)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_teacher_train_out_must_be_safetensors(tmp_path: Path, toy_data: Path) -> None:
+    result = invoke("teacher", "train", "--data", toy_data, "--out", tmp_path / "t.pth", "--run", tmp_path / "run")
+    assert_user_error(result, "must end in .safetensors")
+    assert not (tmp_path / "t.pth").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty-folder"])
+def test_teacher_train_bad_data_path_leaves_nothing(tmp_path: Path, kind: str) -> None:
+    data = tmp_path / "data"
+    if kind == "file":
+        data.write_bytes(b"not a folder")
+    elif kind == "empty-folder":
+        data.mkdir()
+    words = {"missing": "does not exist", "file": "is a file, not a folder", "empty-folder": "matches no dataset layout"}
+    assert_user_error(teacher_train(tmp_path, data, "--arch", "tiny"), words[kind])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_teacher_train_on_lopsided_image_folder(tmp_path: Path, lopsided_data: Path) -> None:
+    line = assert_user_error(teacher_train(tmp_path, lopsided_data, "--arch", "tiny"), "missing classes", "test lacks ['bee']")
+    assert "give both splits the same class folders" in line
+    assert not (tmp_path / "out").exists()
+    assert not {name for name in files_under(tmp_path / "run") if ".pending" in name or name.endswith(".tmp")}
+
+
+def test_teacher_train_fewer_images_than_a_batch(tmp_path: Path, toy_data: Path) -> None:
+    assert_user_error(teacher_train(tmp_path, toy_data, "--arch", "tiny", "--batch-size", "100"), "fewer than one batch")
+    assert not (tmp_path / "out").exists()
+    # Found inside the metered stage: any record it left says so.
+    assert all(r["status"] == "interrupted" for r in read_ledger(tmp_path / "run" / "carbon.jsonl"))
+
+
+@pytest.mark.parametrize("which", ["corrupt", "truncated"])
+def test_damaged_checkpoint(which: str, request: pytest.FixtureRequest, toy_data: Path) -> None:
+    path = request.getfixturevalue(which)
+    assert_user_error(invoke("evaluate", path, "--data", toy_data, "--device", "cpu"), str(path), "corrupt or truncated")
+    assert_user_error(invoke("checkpoint", "info", path), str(path), "corrupt or truncated")
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        ("missing.safetensors", ("does not exist",)),
+        ("model.pth", ("is not a .safetensors file", "dfkd checkpoint import")),
+    ],
+)
+def test_evaluate_and_info_bad_checkpoint_paths(tmp_path: Path, toy_data: Path, make: str, words: tuple[str, ...]) -> None:
+    path = tmp_path / make
+    if path.suffix == ".pth":
+        path.write_bytes(b"x")
+    assert_user_error(invoke("evaluate", path, "--data", toy_data), *words)
+    assert_user_error(invoke("checkpoint", "info", path), *words)
+
+
+def test_evaluate_bad_data(tmp_path: Path, toy_data: Path, lopsided_data: Path) -> None:
+    ten = tiny_checkpoint(tmp_path / "ten.safetensors", 10)
+    three = tiny_checkpoint(tmp_path / "three.safetensors", 3)
+    assert_user_error(invoke("evaluate", three, "--data", tmp_path / "nowhere"), "does not exist")
+    assert_user_error(invoke("evaluate", three, "--data", lopsided_data, "--device", "cpu"), "missing classes")
+    assert_user_error(invoke("evaluate", ten, "--data", toy_data, "--device", "cpu"), "predicts 10 classes", "has 3")
+
+
+def test_import_wrong_num_classes_writes_nothing(tmp_path: Path) -> None:
+    src, dst = tmp_path / "w.pth", tmp_path / "w.safetensors"
+    torch.save(create_model("tiny", 10).state_dict(), src)
+    assert_user_error(
+        invoke("checkpoint", "import", src, dst, "--arch", "tiny", "--num-classes", "100"),
+        "wrong shape", "fc.weight (10, 16) vs (100, 16)",
+    )
+    assert_user_error(invoke("checkpoint", "import", src, dst, "--arch", "wrn16_1"), "does not fit the architecture")
+    assert files_under(tmp_path) == {"w.pth"}
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (("--arch", "resnet9000"), ("unknown model 'resnet9000'",)),
+        (("--arch", "tiny", "--num-classes", "1"), ("num_classes must be at least 2",)),
+        (("--arch", "tiny", "--mean", "0.5,0.5"), ("needs 3 means",)),
+        (("--arch", "tiny", "--std", "a,b,c"), ("malformed metadata",)),
+    ],
+)
+def test_import_bad_options_write_nothing(tmp_path: Path, options: tuple[str, ...], words: tuple[str, ...]) -> None:
+    src, dst = tmp_path / "w.pth", tmp_path / "w.safetensors"
+    torch.save(create_model("tiny", 10).state_dict(), src)
+    assert_user_error(invoke("checkpoint", "import", src, dst, *options), *words)
+    assert files_under(tmp_path) == {"w.pth"}
+
+
+def test_outputs_that_are_folders(tmp_path: Path, toy_data: Path) -> None:
+    folder = tmp_path / "taken.safetensors"
+    folder.mkdir()
+    src = tmp_path / "w.pth"
+    torch.save(create_model("tiny", 10).state_dict(), src)
+    assert_user_error(invoke("checkpoint", "import", src, folder, "--arch", "tiny"), "cannot write checkpoint")
+    result = invoke("teacher", "train", "--data", toy_data, "--out", folder, "--run", tmp_path / "run", "--arch", "tiny")
+    assert_user_error(result, "is a folder")
+    assert files_under(folder) == set() and not (tmp_path / "run").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"taken.safetensors", "w.pth", "toy"}
+
+
+def test_import_refuses_pickled_code_and_bad_paths(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "hook": print}, evil)
+    assert_user_error(invoke("checkpoint", "import", evil, tmp_path / "e.safetensors", "--arch", "tiny"), "weights-only")
+    assert_user_error(invoke("checkpoint", "import", tmp_path / "none.pth", tmp_path / "n.safetensors", "--arch", "tiny"), "does not exist")
+    assert_user_error(invoke("checkpoint", "import", evil, tmp_path / "e.pt", "--arch", "tiny"), "must end in .safetensors")
+    assert files_under(tmp_path) == {"evil.pth"}
