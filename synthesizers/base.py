@@ -42,6 +42,34 @@ class SynthesisConfig(Protocol):
     log_every: int
 
 
+def check_ranges(
+    config: Any,
+    at_least_one: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    unit_interval: tuple[str, ...] = (),
+) -> None:
+    """The range checks every method's config shares; a value out of range is a ValueError naming it.
+
+    Both methods weigh a BN-statistics and a cross-entropy term: with both at 0 nothing ties the
+    images to the teacher, so that is refused here too.
+    """
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in non_negative:
+        if not getattr(config, name) >= 0.0:
+            raise ValueError(f"{name} must be non-negative, got {getattr(config, name)}")
+    for name in unit_interval:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {getattr(config, name)}")
+    if config.bn_weight == config.ce_weight == 0.0:
+        raise ValueError("bn_weight and ce_weight cannot both be 0: nothing would tie the images to the teacher")
+
+
 @dataclass
 class SynthesisBatch:
     """One synthesised batch, all on the synthesizer's device.

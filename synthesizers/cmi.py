@@ -36,7 +36,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from synthesizers.base import Progress, SynthesisBatch, Synthesizer, SynthesizerState, keep_lowest, register
+from synthesizers.base import (
+    Progress,
+    SynthesisBatch,
+    Synthesizer,
+    SynthesizerState,
+    check_ranges,
+    keep_lowest,
+    register,
+)
 
 
 @dataclass(frozen=True)
@@ -66,22 +74,13 @@ class CMIConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
-        for name in ("lr", "head_lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        for name in ("nz", "ngf", "head_dim", "bank_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("bn_weight", "ce_weight", "contrastive_weight"):
-            if not getattr(self, name) >= 0.0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if self.bn_weight == self.ce_weight == 0.0:
-            raise ValueError("bn_weight and ce_weight cannot both be 0: nothing would tie the images to the teacher")
+        check_ranges(
+            self,
+            at_least_one=("iterations", "nz", "ngf", "head_dim", "bank_size", "log_every"),
+            positive=("lr", "head_lr", "temperature"),
+            non_negative=("bn_weight", "ce_weight", "contrastive_weight"),
+            unit_interval=("beta1", "beta2"),
+        )
         if not 0 <= self.num_negatives <= self.bank_size:
             raise ValueError(f"num_negatives must lie in [0, bank_size={self.bank_size}], got {self.num_negatives}")
 

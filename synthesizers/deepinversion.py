@@ -27,7 +27,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from synthesizers.base import Progress, SynthesisBatch, Synthesizer, SynthesizerState, keep_lowest, register
+from synthesizers.base import (
+    Progress,
+    SynthesisBatch,
+    Synthesizer,
+    SynthesizerState,
+    check_ranges,
+    keep_lowest,
+    register,
+)
 
 
 @dataclass(frozen=True)
@@ -52,22 +60,15 @@ class DeepInversionConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        for name in ("bn_weight", "ce_weight", "tv_weight", "l2_weight"):
-            if not getattr(self, name) >= 0.0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if self.bn_weight == self.ce_weight == 0.0:
-            raise ValueError("bn_weight and ce_weight cannot both be 0: nothing would tie the images to the teacher")
+        check_ranges(
+            self,
+            at_least_one=("iterations", "log_every"),
+            positive=("lr",),
+            non_negative=("bn_weight", "ce_weight", "tv_weight", "l2_weight"),
+            unit_interval=("beta1", "beta2"),
+        )
         if not 0.0 <= self.jitter < 0.5:
             raise ValueError(f"jitter must lie in [0, 0.5) (a fraction of the image size), got {self.jitter}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be at least 1, got {self.log_every}")
 
 
 def total_variation(images: Tensor) -> Tensor:
