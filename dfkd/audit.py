@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dfkd.audit_manifest import manifest_problems
+from dfkd.audit_manifest import manifest_problems, short
 from dfkd.errors import DfkdError
 from dfkd.meter import verify_ledger
 from dfkd.report import ENERGY_PARTS, PHASES, REPORT_SCHEMA, build_report, phase_of
@@ -25,11 +25,6 @@ from dfkd.rundir import sha256_file
 # The parts of a report's run section that are derived from the run and so must match it.
 DERIVED = ("ledger", "rows", "totals", "phases", "interrupted", "artifacts")
 MAX_REPORT_DIFFERENCES = 20
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -95,6 +90,19 @@ def _ledger_problems(run: Path) -> list[str]:
     return [f"carbon.jsonl {problem}" for problem in verify_ledger(ledger)]
 
 
+def _ledger_head_problems(manifest: dict[str, Any], records: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """The record the manifest pins (the last one when a stage ended) must still be in the ledger, unchanged."""
+    head = manifest.get("ledger_head")
+    if head is None:
+        return []
+    pinned = next((record for _, record in records if record.get("seq") == head["seq"]), None)
+    if pinned is None:
+        return [f"carbon.jsonl: manifest.json pins record seq {head['seq']}, which the ledger no longer holds (records cut from its end)"]
+    if pinned.get("record_sha256") != head["record_sha256"]:
+        return [f"carbon.jsonl: record seq {head['seq']} differs from the one manifest.json pins (sha256 {head['record_sha256'][:12]})"]
+    return []
+
+
 def _record_problems(records: list[tuple[int, dict[str, Any]]]) -> list[str]:
     """Each record's energy parts must sum to its total, with PUE and the grid intensity applied as stated."""
     problems = []
@@ -114,7 +122,7 @@ def _record_problems(records: list[tuple[int, dict[str, Any]]]) -> list[str]:
             problems.append(f"carbon.jsonl line {line}: lacks the energy fields of a ledger record")
             continue
         problems += [
-            f"carbon.jsonl line {line} ({record.get('stage')}): {field} is {_short(stated)}, but {how} gives {_short(expected)}"
+            f"carbon.jsonl line {line} ({record.get('stage')}): {field} is {short(stated)}, but {how} gives {short(expected)}"
             for field, stated, expected, how in checks if not _same(stated, expected)
         ]
     return problems
@@ -142,7 +150,7 @@ def _sum_problems(place: str, totals: dict[str, Any], records: list[dict[str, An
         **{f"energy_kwh_with_pue.{p}": totals["energy_kwh_with_pue"][p] for p in ENERGY_PARTS},
     }
     return [
-        f"report {place}.{key}: {_short(stated[key])}, but the ledger's records sum to {_short(expected[key])}"
+        f"report {place}.{key}: {short(stated[key])}, but the ledger's records sum to {short(expected[key])}"
         for key in expected if not _same(stated[key], expected[key])
     ]
 
@@ -163,13 +171,13 @@ def _differences(place: str, saved: Any, fresh: Any) -> list[str]:
         if len(saved) != len(fresh):
             return [f"{place}: {len(saved)} entries in the report, {len(fresh)} derived from the run"]
         return [problem for i, pair in enumerate(zip(saved, fresh)) for problem in _differences(f"{place}[{i}]", *pair)]
-    return [] if _same(saved, fresh) else [f"{place}: {_short(saved)} in the report, {_short(fresh)} derived from the run"]
+    return [] if _same(saved, fresh) else [f"{place}: {short(saved)} in the report, {short(fresh)} derived from the run"]
 
 
 def _saved_report_problems(report: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
     """A saved report's section for this run must equal the one built from the run now."""
     if report.get("schema") != REPORT_SCHEMA:
-        return [f"report: schema {_short(report.get('schema'))} is not {REPORT_SCHEMA}"]
+        return [f"report: schema {short(report.get('schema'))} is not {REPORT_SCHEMA}"]
     runs = [entry for entry in report.get("runs", []) if isinstance(entry, dict)]
     matching = [entry for entry in runs if entry.get("name") == fresh["name"]] or (runs if len(runs) == 1 else [])
     if not matching:
@@ -224,6 +232,7 @@ def audit_run(run: Path, report: dict[str, Any] | None = None) -> list[str]:
     records = [record for _, record in numbered]
     problems += _artifact_problems(run, manifest.get("artifacts", {}))
     problems += _ledger_problems(run)
+    problems += _ledger_head_problems(manifest, numbered)
     problems += _record_problems(numbered)
     try:
         problems += manifest_problems(manifest, numbered, run)

@@ -21,7 +21,8 @@ Record = tuple[int, dict[str, Any]]
 _NAMED_OUTPUTS = ("preview", "student")
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """A value as it appears in an audit line: its repr, cut to 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -38,10 +39,10 @@ def _compare(place: str, stated: Any, recorded: Any, line: int) -> list[str]:
     if isinstance(stated, dict) and isinstance(recorded, dict):
         keys = sorted(set(stated) | set(recorded))
         return [
-            f"manifest.json {place}.{key}: {_short(stated.get(key))} but ledger line {line} records {_short(recorded.get(key))}"
+            f"manifest.json {place}.{key}: {short(stated.get(key))} but ledger line {line} records {short(recorded.get(key))}"
             for key in keys if stated.get(key) != recorded.get(key)
         ]
-    return [f"manifest.json {place}: {_short(stated)} but ledger line {line} records {_short(recorded)}"]
+    return [f"manifest.json {place}: {short(stated)} but ledger line {line} records {short(recorded)}"]
 
 
 def _named_outputs(record: Record, artifacts: dict[str, Any]) -> list[str]:
@@ -73,7 +74,7 @@ def _shard_problems(section: dict[str, Any], artifacts: dict[str, Any], run_root
             problems.append(f"{path}: cannot be read as safetensors ({type(exc).__name__})")
             continue
         problems += [
-            f"{path}: its metadata {key} {_short(metadata.get(key))} differs from manifest.json's {_short(value)}"
+            f"{path}: its metadata {key} {short(metadata.get(key))} differs from manifest.json's {short(value)}"
             for key, value in expected.items() if metadata.get(key) != value
         ]
     return problems

@@ -4,8 +4,8 @@ Every loss is `loss(student_logits, teacher_logits, targets, tau, alpha=0.95) ->
 logits are (N, C), `targets` are (N,) class indices, `tau` is a Python float or a tensor of shape
 () or (N,) (one τ per sample, broadcast as (N, 1)). Everything is computed in fp32, whatever the
 logits' dtype, because softmax at large τ and the KL's log-ratios lose too much in bf16.
-Teacher logits are not detached here: adversarial generator steps back-propagate through both
-networks, so freezing the teacher is the caller's choice.
+Teacher logits are not detached here: the distillation loop computes them under `no_grad`, so
+no gradient reaches the teacher; detaching again would hide that choice in the loss.
 """
 
 from __future__ import annotations

@@ -282,6 +282,9 @@ class _EnergyMeters:
         self._nvml_start_mj = 0
         self._tracker: Any = None
 
+    def _codecarbon_meters_gpu(self) -> bool:
+        return any(type(hw).__name__ == "GPU" for hw in getattr(self._tracker, "_hardware", []))
+
     def _receive(self, totals: Any) -> None:
         # Runs on codecarbon's scheduler thread after each measurement.
         self._latest = totals
@@ -360,8 +363,12 @@ class _EnergyMeters:
             gpu, gpu_source = 0.0, "no GPU used"
         elif nvml_kwh is not None:
             gpu, gpu_source = nvml_kwh, "NVML total-energy counter (measured)"
-        else:
+        elif self._codecarbon_meters_gpu():
             gpu, gpu_source = gpu_codecarbon, "codecarbon's GPU figure (dfkd's NVML read failed)"
+        else:
+            # Neither NVML nor codecarbon saw the GPU: its 0 would be a guess, so the figure is missing.
+            gpu, gpu_source = None, "not measured (no NVML counter and no codecarbon GPU meter)"
+            failures.append("the GPU's energy was not measured: neither NVML nor codecarbon could read it")
         energy = {"cpu": cpu, "gpu": gpu, "ram": ram}
         energy["total"] = None if None in energy.values() else cpu + gpu + ram
         pue = self.carbon.pue

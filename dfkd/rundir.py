@@ -3,7 +3,7 @@
 Layout of `runs/<name>/`:
     manifest.json   resolved configs, versions, device, seeds, git commit, sha256 of every artifact
     carbon.jsonl    the hash-chained ledger of metered stages (written by `dfkd.meter`)
-    synthetic/      stage 1 output;  student/  stage 2 output;  teacher/  teacher training output
+    synthetic/      stage 1 output;  student/  stage 2 output
 Every file is written to a temporary name in the same folder, fsynced, then renamed over the
 target, so a killed process leaves either the old file or the new one, never half of one.
 """
@@ -214,6 +214,13 @@ class RunDir:
         """`{relative path: {sha256, bytes, stage, role}}` for `path`, hashing it unless the hash is given."""
         digest = sha256 or sha256_file(path)
         return {self.relative(path): {"sha256": digest, "bytes": Path(path).stat().st_size, "stage": stage, "role": role}}
+
+    def artifact_intact(self, path: Path) -> bool:
+        """Whether `path` exists and its sha256 equals the manifest's entry for it."""
+        if not Path(path).exists():
+            return False
+        entry = self.read_manifest()["artifacts"].get(self.relative(path))
+        return entry is not None and entry["sha256"] == sha256_file(path)
 
     def record_artifact(self, path: Path, stage: str, role: str = "output", sha256: str | None = None) -> str:
         """Hash `path` (unless its hash is given) and record it in the manifest; returns the sha256."""

@@ -9,7 +9,7 @@ the stage's figures into the ledger record.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dfkd.config import CarbonConfig
-from dfkd.meter import count_flops, meter, recover_pending
+from dfkd.meter import count_flops, meter, read_ledger, recover_pending
 from dfkd.rundir import RunDir
 
 
@@ -30,7 +30,6 @@ class StageReport:
     flops_probe: Callable[[], float] | None = None
     flops_units: int = 0
     flops_unit_name: str = "image-step"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_metered(
@@ -41,19 +40,27 @@ def run_metered(
     info: dict[str, Any],
     work: Callable[[], StageReport],
 ) -> StageReport:
-    """Run `work` as one metered stage of `run`; exactly one ledger record is written, whatever happens."""
+    """Run `work` as one metered stage of `run`; exactly one ledger record is written, whatever happens.
+
+    Afterwards the manifest pins the ledger's last record (seq and hash), so `dfkd audit` notices
+    records cut from the ledger's end, which the hash chain alone cannot show.
+    """
     recover_pending(run.ledger_path)
-    with meter(stage, run.ledger_path, carbon, device, info) as outcome:
-        report = work()
-        outcome.result = report.result
-        outcome.work = report.work
-        if report.flops_probe is not None and report.flops_units > 0:
-            per_unit = report.flops_probe()
-            outcome.flops = per_unit * report.flops_units
-            outcome.flops_method = (
-                f"counted by torch.utils.flop_counter on one {report.flops_unit_name} "
-                f"({per_unit:.4g} FLOPs) x {report.flops_units} {report.flops_unit_name}s"
-            )
+    try:
+        with meter(stage, run.ledger_path, carbon, device, info) as outcome:
+            report = work()
+            outcome.result = report.result
+            outcome.work = report.work
+            if report.flops_probe is not None and report.flops_units > 0:
+                per_unit = report.flops_probe()
+                outcome.flops = per_unit * report.flops_units
+                outcome.flops_method = (
+                    f"counted by torch.utils.flop_counter on one {report.flops_unit_name} "
+                    f"({per_unit:.4g} FLOPs) x {report.flops_units} {report.flops_unit_name}s"
+                )
+    finally:
+        last = read_ledger(run.ledger_path)[-1]
+        run.update_manifest(ledger_head={"seq": last["seq"], "record_sha256": last["record_sha256"]})
     return report
 
 

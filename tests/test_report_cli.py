@@ -61,3 +61,14 @@ def test_audit_ok_then_exit_1_naming_a_flipped_shard(run: Path, tmp_path: Path) 
     verdict = json.loads(bad.stdout)
     assert verdict["ok"] is False
     assert any("synthetic/shard-00000.safetensors" in problem for problem in verdict["problems"])
+
+
+def test_audit_notices_the_last_ledger_record_cut_off(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "cut"
+    shutil.copytree(run, copy)
+    ledger = copy / "carbon.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    ledger.write_text("".join(lines[:-1]))
+    result = runner.invoke(app, ["audit", str(copy)])
+    assert result.exit_code == 1
+    assert f"pins record seq {len(lines) - 1}" in result.stdout and "cut from its end" in result.stdout
