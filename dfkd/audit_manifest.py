@@ -103,7 +103,7 @@ def _identity_problems(section: dict[str, Any]) -> list[str]:
     """The distillation config must still hash to the identity recorded beside it (and in every resume state)."""
     config = dict(section.get("config", {}))
     try:
-        identity = DistillConfig(**{**config, "tau_range": tuple(config.get("tau_range", ()))}).identity()
+        identity = DistillConfig(**{**config, "tau_range": tuple(config.get("tau_range", ()))}).identity(section.get("identity_source", ""))
     except (TypeError, ValueError, DfkdError) as exc:
         return [f"manifest.json stages.distillation.config: not a valid distillation config ({exc})"]
     if identity != section.get("identity"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import functools
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Callable, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, import_pth, read_meta
 from dfkd.config import CarbonConfig, apply_overrides, config_dict
@@ -23,8 +25,10 @@ DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "checkpoints" / "wrn4
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Data-free knowledge distillation with per-stage carbon accounting.")
 teacher_app = typer.Typer(no_args_is_help=True, help="Train a teacher on real data.")
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Inspect and import checkpoints.")
+study_app = typer.Typer(no_args_is_help=True, help="Studies that compare runs of one recipe.")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(study_app, name="study")
 
 out = Console()
 err = Console(stderr=True)
@@ -37,16 +41,24 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a `DfkdError` into one line on stderr and exit code 2 (a traceback only with --debug)."""
+    """Turn a `DfkdError` (or a full disk) into one line on stderr and exit code 2 (a traceback only with --debug).
+
+    A full disk is the user's to fix, and every file is written atomically, so the run resumes once there is room.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except DfkdError as exc:
-            if _state["debug"]:
+        except (DfkdError, OSError) as exc:
+            if _state["debug"] or (isinstance(exc, OSError) and exc.errno != errno.ENOSPC):
                 raise
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            message = str(exc) if isinstance(exc, DfkdError) else (
+                f"no space left on device{f' writing {exc.filename}' if exc.filename else ''}: "
+                "free some space and rerun the same command to resume"
+            )
+            # Text, not markup: a message may hold brackets (a path, a TOML section) that rich would eat.
+            err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -236,8 +248,7 @@ def synthesize_command(
 ) -> None:
     """Invert the teacher into synthetic image shards; metered as stage `synthesis`. Resumes by default."""
     from dfkd.config import parse_set_options
-    from dfkd.stages import run_metered
-    from dfkd.synthesis import SynthesisConfig, finished_result, prepare_run_dir, prepare_synthesis, synthesize_stage
+    from dfkd.synthesis import SynthesisConfig, prepare_synthesis, run_synthesis
 
     config = apply_overrides(
         SynthesisConfig(),
@@ -249,17 +260,7 @@ def synthesize_command(
     prepared = prepare_synthesis(config, iterations)
     run_dir = RunDir.open(run or default_run_dir(method))
     with run_dir.locked():
-        start = prepare_run_dir(run_dir, prepared, overwrite)
-        result = finished_result(run_dir, prepared, start)
-        work: dict = {"images_made": 0, "already_finished": True}
-        if result is None:
-            run_dir.update_manifest(carbon=config_dict(carbon))
-            info = {"method": method, "num_images": num_images, "batch_size": batch_size, "resumed_after_shard": start}
-            report = run_metered(
-                run_dir, "synthesis", carbon, prepared.device, info,
-                lambda: synthesize_stage(prepared, run_dir, start, show_progress=not as_json),
-            )
-            result, work = report.result, report.work
+        result, work = run_synthesis(prepared, run_dir, carbon, overwrite, show_progress=not as_json)
     quality = result["quality"]
     if as_json:
         print_json({"run": str(run_dir.root), **result, "work": work})
@@ -300,8 +301,7 @@ def distill_command(
     as_json: bool = JSON,
 ) -> None:
     """Distil a student from the teacher on the synthetic set; metered as stage `distillation`. Resumes by default."""
-    from dfkd.distill import DistillConfig, prepare_distill, reset_students, run_distillation
-    from dfkd.stages import run_metered
+    from dfkd.distill import DistillConfig, distill_run
     from dfkd.tau import parse_tau_range
 
     config = apply_overrides(
@@ -316,17 +316,10 @@ def distill_command(
         "distillation setting",
     )
     carbon = carbon_config(pue, country, grid)
-    run_dir = RunDir.open(run, create=False)
+    # A real-data baseline (--data) may start a fresh run dir; data-free distillation needs the synthesis's.
+    run_dir = RunDir.open(run, create=data is not None)
     with run_dir.locked():
-        if overwrite:
-            reset_students(run_dir)
-        prepared = prepare_distill(config, run_dir)
-        run_dir.update_manifest(carbon=config_dict(carbon))
-        summary = run_distillation(
-            prepared, run_dir,
-            lambda stage, info, work: run_metered(run_dir, stage, carbon, prepared.device, info, work),
-            show_progress=not as_json,
-        )
+        summary = distill_run(config, run_dir, carbon, overwrite, show_progress=not as_json)
     if as_json:
         print_json({"run": str(run_dir.root), **summary})
         return
@@ -382,3 +375,101 @@ def audit_command(
         if not problems:
             out.print("OK", highlight=False)
     raise typer.Exit(1 if problems else 0)
+
+
+RECIPE_SETS = typer.Option(None, "--set", help="Recipe override section.key=value, e.g. distill.epochs=3 (repeatable).")
+
+
+def _print_run_report(runs: list[Path]) -> None:
+    from dfkd.report import build_report
+    from dfkd.report_render import render_table
+
+    out.print(render_table(build_report(runs)))
+
+
+@app.command("run")
+@user_errors
+def run_command(
+    recipe_file: Path = typer.Argument(..., help="A recipe (.toml), e.g. recipes/quickstart.toml."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run dir (default: runs/<recipe>-<time>); rerun on it to resume."),
+    settings: Optional[list[str]] = RECIPE_SETS,
+    as_json: bool = JSON,
+) -> None:
+    """Run a recipe: synthesize, distil and evaluate in one run dir, each stage metered; then the carbon report."""
+    from dfkd.pipeline import default_run_dir as recipe_run_dir, run_recipe
+    from dfkd.recipe import load_recipe
+
+    recipe = load_recipe(recipe_file, settings)
+    summary = run_recipe(recipe, run or recipe_run_dir(recipe.name), show_progress=not as_json)
+    if as_json:
+        print_json(summary)
+        return
+    _print_run_report([Path(summary["run"])])
+    result, quality = summary["distillation"], summary["synthesis"]["quality"]
+    accuracy = f"test accuracy {result['test_acc']:.2f} %, " if "test_acc" in result else ""
+    out.print(
+        f"{summary['run']}: teacher agrees with the synthetic targets on {quality['target_agreement']:.1f} %; "
+        f"student {accuracy}agreement with the teacher on held-out synthetic images {result['holdout_agreement']:.2f} %"
+    )
+
+
+@app.command("recipes")
+@user_errors
+def recipes_command(as_json: bool = JSON) -> None:
+    """List the shipped recipes, one line each."""
+    from dfkd.recipe import describe, recipe_paths
+
+    rows = [{"recipe": f"recipes/{path.name}", "description": describe(path)} for path in recipe_paths()]
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        out.print(f"{row['recipe']:<52} {row['description']}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command("validate")
+@user_errors
+def validate_command(
+    recipe_files: Optional[list[Path]] = typer.Argument(None, help="Recipes to check (default: every recipe under recipes/)."),
+    as_json: bool = JSON,
+) -> None:
+    """Check recipes' structure and values without running them; exit 2 on the first invalid one.
+
+    A teacher file that does not exist yet is noted, not an error: some teachers are the user's to provide.
+    """
+    from dfkd.recipe import load_recipe, recipe_paths
+
+    rows = []
+    for path in recipe_files or recipe_paths():
+        recipe = load_recipe(path)
+        missing = not Path(recipe.teacher.checkpoint).is_file()
+        rows.append({"recipe": str(path), "ok": True, "teacher_missing": missing, "teacher": recipe.teacher.checkpoint})
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        note = f" (teacher {row['teacher']} not found: provide it before `dfkd run`)" if row["teacher_missing"] else ""
+        out.print(f"OK {row['recipe']}{note}", highlight=False, markup=False, soft_wrap=True)
+
+
+@study_app.command("tau")
+@user_errors
+def study_tau_command(
+    recipe_file: Path = typer.Argument(..., help="A recipe (.toml); its [distill] tau is replaced by stochastic and by grid."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Study dir holding stochastic/ and grid/ (default: runs/<recipe>-tau-<time>)."),
+    settings: Optional[list[str]] = RECIPE_SETS,
+    as_json: bool = JSON,
+) -> None:
+    """From one synthetic set, a stochastic-τ and a grid-tuned distillation, and the paper's Table-6 comparison."""
+    from dfkd.pipeline import STUDY_FILE, default_run_dir as recipe_run_dir, study_tau
+    from dfkd.recipe import load_recipe
+    from dfkd.report_render import render_table
+
+    recipe = load_recipe(recipe_file, settings)
+    root = run or recipe_run_dir(f"{recipe.name}-tau")
+    report = study_tau(recipe, root, show_progress=not as_json)
+    if as_json:
+        print_json({"study": str(root), "comparisons": report["comparisons"]})
+        return
+    out.print(render_table(report))
+    out.print(f"comparison saved in {root / STUDY_FILE}", highlight=False)

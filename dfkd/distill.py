@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
-from dfkd.config import config_dict
+from dfkd.config import CarbonConfig, config_dict
 from dfkd.data import ImageSet, load_split, stratified_subset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import check_classes, evaluate_on, predict_logits
@@ -32,12 +32,11 @@ from dfkd.metrics import top1_agreement
 from dfkd.models import create_model, model_spec
 from dfkd.rundir import RunDir, atomic_path, atomic_write_bytes, sha256_file, utc_now
 from dfkd.runtime import compiled, prepare_model, resolve_device, seed_everything, sgd_with_cosine
-from dfkd.stages import StageReport, supervised_step_flops
-from dfkd.synthesis import load_shards
+from dfkd.stages import StageReport, run_metered, supervised_step_flops
+from dfkd.synthesis import STUDENT, load_shards
 from dfkd.tau import TauSampler, TauSpec, make_sampler, parse_tau
 from dfkd.training import EpochStats, train_epochs
 
-STUDENT = "student"
 TAU_BINS = 18
 
 
@@ -95,10 +94,11 @@ class DistillConfig:
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 256
 
-    def identity(self) -> str:
-        """Hash of what changes the trained weights (not where they are evaluated), to refuse mixed resumes."""
+    def identity(self, source: str) -> str:
+        """Hash of what changes the trained weights (settings and the `source` images/teacher, not where
+        they are evaluated), to refuse resuming a student on other data or settings."""
         fields = {k: v for k, v in config_dict(self).items() if k not in ("eval_data", "eval_every", "device", "compile")}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps({**fields, "source": source}, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -122,6 +122,11 @@ class PreparedDistill:
     data: DistillData
     test_set: ImageSet | None = None
     trials: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def identity(self) -> str:
+        return self.config.identity(self.source)
 
 
 def _split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -165,7 +170,17 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
         check_classes(real, meta.num_classes, teacher_path)
         source, real_labels = real, True
     else:
+        synthesis = run.read_manifest()["stages"].get("synthesis", {})
         shards = load_shards(run)
+        expected = synthesis.get("images")
+        if expected is None and "shared_from" in synthesis:  # a `dfkd study` sibling reuses another run's set
+            expected = RunDir(Path(synthesis["shared_from"])).read_manifest()["stages"].get("synthesis", {}).get("images")
+        if len(shards["images"]) != expected:
+            raise DfkdError(
+                f"the synthetic set of {run.root} is incomplete or damaged ({len(shards['images'])} intact images of "
+                f"{expected or 'an unfinished synthesis'}): rerun `dfkd synthesize --run {run.root}` to finish "
+                "or repair it, or see `dfkd audit`"
+            )
         if int(shards["targets"].max()) >= meta.num_classes:
             raise DfkdError(
                 f"the synthetic set has classes up to {int(shards['targets'].max())} but teacher {teacher_path} has "
@@ -194,7 +209,9 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
     data = DistillData(train.to(device), holdout, real_labels, validation)
     data.teacher_holdout_logits = predict_logits(teacher, holdout.images, meta.mean, meta.std, device).cpu()
     trials = [f"tau={v:g}" for v in spec.grid] if spec.mode == "grid" else [f"tau={config.tau}"]
-    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials)
+    # The images and the teacher a student learns from: a new synthetic set or teacher means a new student.
+    origin = f"data {Path(config.data).resolve()}" if config.data else f"synthesis {run.read_manifest()['stages']['synthesis']['config_hash']}"
+    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, f"{origin}; teacher {teacher_sha}")
 
 
 def trial_dir(run: RunDir, trial: str) -> Path:
@@ -292,7 +309,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     resume_path = folder / "resume.safetensors"
     start_epoch, log = 0, []
     if resume_path.exists():
-        start_epoch, log = _load_resume(resume_path, student, optimizer, scheduler, sampler, generator, config.identity())
+        start_epoch, log = _load_resume(resume_path, student, optimizer, scheduler, sampler, generator, prepared.identity)
     loss_fn = get_loss(config.loss)
     teacher = compiled(prepared.teacher, config.compile, device)
     forward = compiled(student, config.compile, device)
@@ -317,7 +334,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         if config.eval_every and stats.epoch % config.eval_every == 0 and stats.epoch < config.epochs:
             entry.update({k: v for k, v in _evaluation_figures(prepared, student, with_test=True).items() if k != "test_metrics"})
         log.append(entry)
-        digest = _save_resume(resume_path, student, optimizer, scheduler, sampler, generator, stats.epoch, log, config.identity())
+        digest = _save_resume(resume_path, student, optimizer, scheduler, sampler, generator, stats.epoch, log, prepared.identity)
         metrics_digest = atomic_write_bytes(folder / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode())
         run.update_manifest(
             artifacts={
@@ -414,7 +431,7 @@ def reset_students(run: RunDir) -> None:
 def record_config(prepared: PreparedDistill, run: RunDir) -> None:
     """Record the resolved config; a run that holds a different distillation must be overwritten first."""
     existing = run.read_manifest()["stages"].get("distillation", {})
-    identity = prepared.config.identity()
+    identity = prepared.identity
     if existing and existing.get("identity") != identity:
         raise DfkdError(
             f"run dir {run.root} already holds a distillation with other settings: pass --overwrite to replace it "
@@ -423,7 +440,8 @@ def record_config(prepared: PreparedDistill, run: RunDir) -> None:
     run.update_manifest(
         stages={
             "distillation": {
-                "config": config_dict(prepared.config), "identity": identity, "trials_planned": prepared.trials,
+                "config": config_dict(prepared.config), "identity": identity, "identity_source": prepared.source,
+                "trials_planned": prepared.trials,
                 "teacher": {"sha256": prepared.teacher_sha256, "arch": prepared.teacher_meta.arch},
                 "train_images": len(prepared.data.train), "holdout_images": len(prepared.data.holdout),
                 "source": prepared.data.train.source, "selection": selection_criterion(prepared),
@@ -487,3 +505,21 @@ def run_distillation(
         summary = results[prepared.trials[0]]
     run.update_manifest(stages={"distillation": {"result": {k: v for k, v in summary.items() if k != "test_metrics"}, "finished_utc": utc_now()}})
     return summary
+
+
+def distill_run(
+    config: DistillConfig, run: RunDir, carbon: CarbonConfig, overwrite: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
+    """Stage 2 as `dfkd distill` and `dfkd run` do it: every trial metered, resumed where it stopped.
+
+    The caller holds the run's lock.
+    """
+    prepared = prepare_distill(config, run)
+    if overwrite:  # only once the new settings are known to work, so bad input loses nothing
+        reset_students(run)
+    run.update_manifest(carbon=config_dict(carbon))
+    return run_distillation(
+        prepared, run,
+        lambda stage, info, work: run_metered(run, stage, carbon, prepared.device, info, work),
+        show_progress=show_progress,
+    )

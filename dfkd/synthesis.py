@@ -27,18 +27,19 @@ from safetensors.torch import load_file, save
 from torchvision.utils import save_image
 
 from dfkd.checkpoints import load_checkpoint
-from dfkd.config import apply_overrides, config_dict
+from dfkd.config import CarbonConfig, apply_overrides, config_dict
 from dfkd.errors import DfkdError
 from dfkd.evaluate import predict_logits
 from dfkd.meter import count_flops
 from dfkd.progress import make_progress
 from dfkd.rundir import RunDir, atomic_path, atomic_write_bytes, sha256_file
 from dfkd.runtime import resolve_device
-from dfkd.stages import StageReport
+from dfkd.stages import StageReport, run_metered
 from synthesizers import Synthesizer, get_synthesizer, list_synthesizers
 from synthesizers.bn_stats import batchnorm_layers
 
 SYNTHETIC = "synthetic"
+STUDENT = "student"  # stage 2's folder: a re-made synthetic set invalidates it
 TARGETS_NOTE = "balanced: batch b holds classes (b*B + i) mod C, so every class gets N/C images (±1)"
 
 
@@ -77,10 +78,14 @@ class PreparedSynthesis:
 
     @property
     def config_hash(self) -> str:
-        """What makes two runs' shards interchangeable: the method, its settings, the teacher, the seed."""
+        """What makes two runs' shards interchangeable: the method, its settings, the teacher, the seed.
+
+        `compile` and `log_every` change how fast and how often, not which images, so they may differ.
+        """
+        settings = {k: v for k, v in config_dict(self.method_config).items() if k not in ("compile", "log_every")}
         identity = {
             "method": self.config.method,
-            "method_config": config_dict(self.method_config),
+            "method_config": settings,
             "batch_size": self.config.batch_size,
             "seed": self.config.seed,
             "teacher_sha256": self.teacher_sha256,
@@ -149,10 +154,13 @@ def load_shards(run: RunDir) -> dict[str, torch.Tensor]:
 
 
 def _reset_synthetic(run: RunDir) -> None:
-    shutil.rmtree(run.root / SYNTHETIC, ignore_errors=True)
-    run.forget_artifacts(f"{SYNTHETIC}/")
+    """--overwrite: forget and remove the synthetic set, and the students distilled from it."""
+    for folder in (SYNTHETIC, STUDENT):
+        shutil.rmtree(run.root / folder, ignore_errors=True)
+        run.forget_artifacts(f"{folder}/")
     manifest = run.read_manifest()
     manifest["stages"].pop("synthesis", None)
+    manifest["stages"].pop("distillation", None)
     run.write_manifest(manifest)
 
 
@@ -333,7 +341,7 @@ def synthesize_stage(
             count = prepared.batch_count(index)
             torch.manual_seed(config.seed * 1_000_003 + index)
             targets = batch_targets(index, config.batch_size, count, meta.num_classes)
-            batch = synthesizer.synthesize(targets, progress=report_step)
+            batch = synthesizer.synthesize(targets, progress=report_step if show_progress else None)
             tensors = {
                 "images": (batch.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous(),
                 "targets": targets.to(torch.int64).contiguous(),
@@ -397,3 +405,24 @@ def synthesis_step_flops(prepared: PreparedSynthesis) -> float:
         return count_flops(lambda: synthesizer.synthesize(targets))
 
     return (run(2) - run(1)) / 2
+
+
+def run_synthesis(
+    prepared: PreparedSynthesis, run: RunDir, carbon: CarbonConfig, overwrite: bool = False, show_progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage 1 as `dfkd synthesize` and `dfkd run` do it: resume or start, metered; returns (result, work).
+
+    A finished synthesis returns its recorded result and meters nothing. The caller holds the run's lock.
+    """
+    start = prepare_run_dir(run, prepared, overwrite)
+    result = finished_result(run, prepared, start)
+    if result is not None:
+        return result, {"images_made": 0, "already_finished": True}
+    config = prepared.config
+    run.update_manifest(carbon=config_dict(carbon))
+    info = {"method": config.method, "num_images": config.num_images, "batch_size": config.batch_size, "resumed_after_shard": start}
+    report = run_metered(
+        run, "synthesis", carbon, prepared.device, info,
+        lambda: synthesize_stage(prepared, run, start, show_progress=show_progress),
+    )
+    return report.result, report.work

@@ -46,3 +46,28 @@ def cifar_jpeg_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoded-data caches go to a per-session temp folder, never the user's ~/.cache."""
     monkeypatch.setenv("DFKD_CACHE", str(tmp_path_factory.getbasetemp() / "dfkd-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_sets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """`--set` options that shrink recipes/quickstart.toml to a tiny teacher and student (seconds on CPU)."""
+    import torch
+
+    from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
+    from dfkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", 10).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 3, 32, 32) * 4 - 2)
+    teacher = tmp_path_factory.mktemp("recipe-teacher") / "tiny.safetensors"
+    save_checkpoint(teacher, model.eval(), CheckpointMeta("tiny", 10, CIFAR10_MEAN, CIFAR10_STD, "test"))
+    values = {
+        "teacher.checkpoint": str(teacher), "run.device": "cpu", "carbon.grid_g_per_kwh": "400",
+        "synthesize.num_images": "48", "synthesize.batch_size": "4", "synthesize.iterations": "3",
+        "synthesize.settings.nz": "16", "synthesize.settings.ngf": "8", "synthesize.settings.head_dim": "16",
+        "synthesize.settings.bank_size": "64", "synthesize.settings.num_negatives": "8",
+        "distill.student": "tiny", "distill.epochs": "3", "distill.batch_size": "8", "distill.lr": "0.4",
+    }
+    return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
