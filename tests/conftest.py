@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+import torch
 
 SHARED = Path(os.environ.get("DFKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -40,6 +42,16 @@ def cifar_jpeg_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     # tar(1) unpacks the 60k small files several times faster than Python's tarfile.
     subprocess.run(["tar", "xzf", str(shared_dir / "data" / "cifar10-jpeg.tar.gz"), "-C", str(target)], check=True)
     return target / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module: on a shared 2-core machine torch's second thread spin-waits
+    against other processes and made the stage tests 10-20x slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -35,14 +35,7 @@ TINY = ["--student", "tiny", "--batch-size", "16", "--lr", "0.4"]
 STEPS_PER_EPOCH = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs: on a shared 2-core machine, torch's second
-    thread spin-waits against other processes and made these steps 10-20x slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_checkpoint(path: Path, num_classes: int = 10) -> Path:

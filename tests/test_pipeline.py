@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from dfkd.audit import audit_run
@@ -20,12 +18,7 @@ from dfkd.meter import read_ledger
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def invoke(*args: str) -> dict:

@@ -12,7 +12,7 @@ import math
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -36,13 +36,7 @@ CARBON = CarbonConfig(grid_g_per_kwh=400, flush_seconds=0.5)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine a second one only spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_teacher(path: Path) -> Path:
@@ -187,7 +181,7 @@ def test_markdown_and_table_show_every_stage_and_figure(report: dict[str, Any]) 
             assert path in markdown and artifact["sha256"] in markdown
         for note in entry["caveats"] + [p["how"] for p in entry["provenance"]]:
             assert note in markdown
-        assert f'"method": "deepinversion"' in markdown  # the resolved config
+        assert '"method": "deepinversion"' in markdown  # the resolved config
     assert f"{report['comparisons'][0]['energy_ratio']:.2f}x" in markdown and "Grid-tuned vs stochastic" in markdown
 
 

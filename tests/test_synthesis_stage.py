@@ -14,7 +14,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -36,14 +35,7 @@ CMI_FAST = ["--set", "nz=16", "--set", "ngf=8", "--set", "head_dim=16", "--set",
 COMMON = ["--device", "cpu", "--grid-intensity", "400", "--json"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs: on a shared 2-core machine, torch's second
-    thread spin-waits against other processes and made these steps 10-20x slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
