@@ -382,12 +382,9 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
 
 def trial_done(run: RunDir, trial: str) -> dict[str, Any] | None:
     """The recorded result of a finished trial whose student file still matches the manifest, else None."""
-    path = trial_dir(run, trial) / "student.safetensors"
-    manifest = run.read_manifest()
-    entry = manifest["artifacts"].get(run.relative(path)) if path.exists() else None
-    if entry is None or entry["sha256"] != sha256_file(path):
+    if not run.artifact_intact(trial_dir(run, trial) / "student.safetensors"):
         return None
-    return manifest["stages"].get("distillation", {}).get("trials", {}).get(trial)
+    return run.read_manifest()["stages"].get("distillation", {}).get("trials", {}).get(trial)
 
 
 def selection_criterion(prepared: PreparedDistill) -> str:
@@ -463,9 +460,7 @@ def finished_result(run: RunDir) -> dict[str, Any] | None:
     Rerunning a finished command then does no work and meters nothing (no duplicate ledger records).
     """
     stage = run.read_manifest()["stages"].get("distillation", {})
-    final = run.root / STUDENT / "student.safetensors"
-    entry = run.read_manifest()["artifacts"].get(run.relative(final)) if final.exists() else None
-    if "result" in stage and entry is not None and entry["sha256"] == sha256_file(final):
+    if "result" in stage and run.artifact_intact(run.root / STUDENT / "student.safetensors"):
         return stage["result"]
     return None
 

@@ -132,15 +132,9 @@ def shard_path(run: RunDir, index: int) -> Path:
 
 def valid_shards(run: RunDir) -> list[Path]:
     """The leading shards whose sha256 matches the manifest, in order; stops at the first that does not."""
-    artifacts = run.read_manifest()["artifacts"]
     shards = []
-    index = 0
-    while (path := shard_path(run, index)).exists():
-        entry = artifacts.get(run.relative(path))
-        if entry is None or entry["sha256"] != sha256_file(path):
-            break
+    while run.artifact_intact(path := shard_path(run, len(shards))):
         shards.append(path)
-        index += 1
     return shards
 
 
@@ -186,7 +180,7 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
         )
     shards = valid_shards(run)[: prepared.num_batches]
     done = next((i for i, path in enumerate(shards) if _shard_count(path) != prepared.batch_count(i)), len(shards))
-    if done and not _state_intact(run, done - 1) and _build_synthesizer(prepared).state_dict()["tensors"]:
+    if done and not run.artifact_intact(state_path(run, done - 1)) and _build_synthesizer(prepared).state_dict()["tensors"]:
         raise DfkdError(
             f"{prepared.config.method} cannot continue after shard {done - 1} of {run.root}: only its state after the "
             f"last shard is kept, and shard {done} is damaged or holds another number of images; restore that shard "
@@ -238,12 +232,6 @@ def _drop_state(run: RunDir, index: int) -> None:
     path.unlink(missing_ok=True)
 
 
-def _state_intact(run: RunDir, index: int) -> bool:
-    path = state_path(run, index)
-    entry = run.read_manifest()["artifacts"].get(run.relative(path)) if path.exists() else None
-    return entry is not None and entry["sha256"] == sha256_file(path)
-
-
 def _load_state(run: RunDir, synthesizer: Synthesizer, index: int) -> None:
     """Restore the state saved with shard `index`, checked against its manifest hash.
 
@@ -251,7 +239,7 @@ def _load_state(run: RunDir, synthesizer: Synthesizer, index: int) -> None:
     shard, also one before the last.
     """
     path = state_path(run, index)
-    if not _state_intact(run, index):
+    if not run.artifact_intact(state_path(run, index)):
         if synthesizer.state_dict()["tensors"]:
             raise DfkdError(f"{path} is missing or does not match the manifest: pass --overwrite to start the synthesis over")
         return
@@ -334,8 +322,12 @@ def synthesize_stage(
         task = progress.add_task(f"synthesize {config.method}", total=config.num_images, completed=done_images, info="")
 
         def report_step(step: int, loss: torch.Tensor) -> None:
-            rate = (made * iterations + step * count) / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, info=f"step {step}/{iterations} loss {loss.item():.3f}  {rate:,.0f} img-steps/s")
+            seconds = max(time.perf_counter() - started, 1e-9)
+            rate = (made * iterations + step * count) / seconds
+            progress.update(
+                task,
+                info=f"step {step}/{iterations} loss {loss.item():.3f}  {made / seconds:,.1f} images/s  {rate:,.0f} img-steps/s",
+            )
 
         for index in range(start_shard, prepared.num_batches):
             count = prepared.batch_count(index)
