@@ -12,9 +12,7 @@ date, machine and command.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,6 +21,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from bench_common import write_results
 
 from dfkd.meter import read_ledger
 
@@ -79,15 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     Console().print(table)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "synthetic": args.synthetic,
-        "rows": rows,
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, device, argv, rows, synthetic=args.synthetic)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ target, mean confidence). Prints a table and writes JSON with the date, machine 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from bench_common import write_results
 
 from dfkd.checkpoints import load_checkpoint
 from dfkd.config import apply_overrides
@@ -92,15 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(r["method"], str(r["batch_size"]), str(r["iterations"]), str(r["compile"]), f"{r['image_steps_per_s']:,.0f}",
                       f"{r['target_agreement']:.1f}", f"{r['mean_confidence']:.3f}", f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-")
     Console().print(table)
-    report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "teacher": args.teacher,
-        "rows": rows,
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, device, argv, rows, teacher=args.teacher)
 
 
 if __name__ == "__main__":

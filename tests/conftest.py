@@ -13,6 +13,9 @@ from typing import Iterator
 import pytest
 import torch
 
+from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
+from dfkd.models import create_model
+
 SHARED = Path(os.environ.get("DFKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
@@ -54,6 +57,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def save_tiny_teacher(path: Path, num_classes: int = 10) -> Path:
+    """A `tiny` checkpoint whose BN running statistics are not the initial 0 / 1 (something to invert)."""
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 3, 32, 32) * 4 - 2)
+    save_checkpoint(path, model.eval(), CheckpointMeta("tiny", num_classes, CIFAR10_MEAN, CIFAR10_STD, "test"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny 10-class teacher of the mechanics tests (made once per session)."""
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny.safetensors")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoded-data caches go to a per-session temp folder, never the user's ~/.cache."""
@@ -61,22 +81,10 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 
 @pytest.fixture(scope="session")
-def tiny_recipe_sets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def tiny_recipe_sets(tiny_teacher: Path) -> list[str]:
     """`--set` options that shrink recipes/quickstart.toml to a tiny teacher and student (seconds on CPU)."""
-    import torch
-
-    from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
-    from dfkd.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("tiny", 10).train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(32, 3, 32, 32) * 4 - 2)
-    teacher = tmp_path_factory.mktemp("recipe-teacher") / "tiny.safetensors"
-    save_checkpoint(teacher, model.eval(), CheckpointMeta("tiny", 10, CIFAR10_MEAN, CIFAR10_STD, "test"))
     values = {
-        "teacher.checkpoint": str(teacher), "run.device": "cpu", "carbon.grid_g_per_kwh": "400",
+        "teacher.checkpoint": str(tiny_teacher), "run.device": "cpu", "carbon.grid_g_per_kwh": "400",
         "synthesize.num_images": "48", "synthesize.batch_size": "4", "synthesize.iterations": "3",
         "synthesize.settings.nz": "16", "synthesize.settings.ngf": "8", "synthesize.settings.head_dim": "16",
         "synthesize.settings.bank_size": "64", "synthesize.settings.num_negatives": "8",

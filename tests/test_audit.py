@@ -14,17 +14,17 @@ from dfkd.errors import DfkdError
 from dfkd.meter import pending_path
 from dfkd.report import build_report
 from dfkd.rundir import atomic_write_json
-from test_report import add_interrupted_attempts, make_run, tiny_teacher
+from test_report import add_interrupted_attempts, make_run
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Path:
     """A grid-tuned run (synthesis, two trials, selection): every kind of artifact and record."""
     base = tmp_path_factory.mktemp("audit-runs")
-    return make_run(base / "grid", tiny_teacher(base / "tiny.safetensors"), "grid:2,4")
+    return make_run(base / "grid", tiny_teacher, "grid:2,4")
 
 
 @pytest.fixture

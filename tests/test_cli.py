@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner, Result
 
-from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, load_checkpoint, save_checkpoint
+from conftest import save_tiny_teacher
+from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, load_checkpoint
 from dfkd.cli import app
 from dfkd.errors import DfkdError
 from dfkd.meter import read_ledger, verify_ledger
@@ -40,14 +41,6 @@ def make_image_folder(root: Path, classes: dict[str, list[str]], per_class: int 
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return root
-
-
-def tiny_checkpoint(path: Path, num_classes: int) -> Path:
-    torch.manual_seed(0)
-    save_checkpoint(
-        path, create_model("tiny", num_classes), CheckpointMeta("tiny", num_classes, CIFAR10_MEAN, CIFAR10_STD, "toy")
-    )
-    return path
 
 
 def assert_user_error(result: Result, *words: str) -> str:
@@ -169,7 +162,7 @@ def test_checkpoint_import(tmp_path: Path) -> None:
 
 
 def test_evaluate_prints_tables(tmp_path: Path, toy_data: Path) -> None:
-    checkpoint = tiny_checkpoint(tmp_path / "tiny3.safetensors", 3)
+    checkpoint = save_tiny_teacher(tmp_path / "tiny3.safetensors", 3)
     result = invoke("evaluate", checkpoint, "--data", toy_data, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "top-1" in result.stdout and "kappa" in result.stdout and "(12 images)" in result.stdout
@@ -195,7 +188,7 @@ def corrupt(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def truncated(tmp_path: Path) -> Path:
-    data = tiny_checkpoint(tmp_path / "whole.safetensors", 3).read_bytes()
+    data = save_tiny_teacher(tmp_path / "whole.safetensors", 3).read_bytes()
     path = tmp_path / "truncated.safetensors"
     path.write_bytes(data[: len(data) // 2])
     return path
@@ -278,8 +271,8 @@ def test_evaluate_and_info_bad_checkpoint_paths(tmp_path: Path, toy_data: Path, 
 
 
 def test_evaluate_bad_data(tmp_path: Path, toy_data: Path, lopsided_data: Path) -> None:
-    ten = tiny_checkpoint(tmp_path / "ten.safetensors", 10)
-    three = tiny_checkpoint(tmp_path / "three.safetensors", 3)
+    ten = save_tiny_teacher(tmp_path / "ten.safetensors", 10)
+    three = save_tiny_teacher(tmp_path / "three.safetensors", 3)
     assert_user_error(invoke("evaluate", three, "--data", tmp_path / "nowhere"), "does not exist")
     assert_user_error(invoke("evaluate", three, "--data", lopsided_data, "--device", "cpu"), "missing classes")
     assert_user_error(invoke("evaluate", ten, "--data", toy_data, "--device", "cpu"), "predicts 10 classes", "has 3")

@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from conftest import save_tiny_teacher
+from dfkd.checkpoints import load_checkpoint, read_meta
 from dfkd.cli import app
 from dfkd.config import CarbonConfig
 from dfkd.distill import DistillConfig, prepare_distill, run_distillation
@@ -38,27 +39,12 @@ STEPS_PER_EPOCH = 3
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_checkpoint(path: Path, num_classes: int = 10) -> Path:
-    torch.manual_seed(0)
-    model = create_model("tiny", num_classes).train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(32, 3, 32, 32) * 4 - 2)
-    save_checkpoint(path, model.eval(), CheckpointMeta("tiny", num_classes, CIFAR10_MEAN, CIFAR10_STD, "test"))
-    return path
-
-
 def make_synthetic(run: RunDir, teacher: Path, method: str, num_images: int, batch_size: int, iterations: int, **settings: str) -> dict[str, Any]:
     """Stage 1 through the library, unmetered: shards in `run`; returns the quality figures."""
     config = SynthesisConfig(method=method, teacher=str(teacher), num_images=num_images, batch_size=batch_size, device="cpu", method_settings=settings)
     prepared = prepare_synthesis(config, iterations)
     report = synthesize_stage(prepared, run, prepare_run_dir(run, prepared, overwrite=False), show_progress=False)
     return report.result["quality"]
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +239,7 @@ def test_class_count_mismatch(run: Path, tmp_path: Path, tiny_teacher: Path) -> 
     three = image_folder(tmp_path / "three", 3)
     message = distill_fails(run, "--data", str(three), "--teacher", str(tiny_teacher))
     assert "10 classes" in message and "has 3" in message
-    three_class_teacher = tiny_checkpoint(tmp_path / "tiny3.safetensors", num_classes=3)
+    three_class_teacher = save_tiny_teacher(tmp_path / "tiny3.safetensors", num_classes=3)
     message = distill_fails(run, "--teacher", str(three_class_teacher))
     assert "classes up to 9" in message and "has 3" in message
 

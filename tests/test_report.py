@@ -18,12 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
 from dfkd.config import CarbonConfig, config_dict
 from dfkd.distill import DistillConfig, prepare_distill, run_distillation
 from dfkd.errors import DfkdError
 from dfkd.meter import pending_path, read_ledger, recover_pending
-from dfkd.models import create_model
 from dfkd.report import REPORT_SCHEMA, build_report, load_report
 from dfkd.report_format import number, result
 from dfkd.report_html import PART_COLOURS, PHASE_COLOURS
@@ -37,16 +35,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_teacher(path: Path) -> Path:
-    torch.manual_seed(0)
-    model = create_model("tiny", 10).train()
-    with torch.no_grad():
-        for _ in range(3):  # BN running statistics for the inversion to match
-            model(torch.rand(32, 3, 32, 32) * 4 - 2)
-    save_checkpoint(path, model.eval(), CheckpointMeta("tiny", 10, CIFAR10_MEAN, CIFAR10_STD, "test"))
-    return path
 
 
 def make_run(root: Path, teacher: Path, tau: str) -> Path:
@@ -94,11 +82,10 @@ def add_interrupted_attempts(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("report-runs")
-    teacher = tiny_teacher(base / "tiny.safetensors")
-    grid = make_run(base / "grid", teacher, "grid:2,4")
-    stochastic = make_run(base / "stochastic", teacher, "stochastic")
+    grid = make_run(base / "grid", tiny_teacher, "grid:2,4")
+    stochastic = make_run(base / "stochastic", tiny_teacher, "stochastic")
     interrupted = base / "interrupted"
     shutil.copytree(stochastic, interrupted)
     add_interrupted_attempts(interrupted)

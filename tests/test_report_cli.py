@@ -11,15 +11,15 @@ from typer.testing import CliRunner
 
 from dfkd.cli import app
 from dfkd.meter import read_ledger
-from test_report import make_run, tiny_teacher
+from test_report import make_run
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Path:
     base = tmp_path_factory.mktemp("report-cli")
-    return make_run(base / "stochastic", tiny_teacher(base / "tiny.safetensors"), "stochastic")
+    return make_run(base / "stochastic", tiny_teacher, "stochastic")
 
 
 def test_report_json_to_stdout_has_every_record(run: Path) -> None:

@@ -27,7 +27,7 @@ import dfkd.models
 from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
 from dfkd.cli import app
 from dfkd.meter import read_ledger, verify_ledger
-from dfkd.models import ModelSpec, create_model
+from dfkd.models import ModelSpec
 from dfkd.rundir import sha256_file
 
 # Small CMI settings: the published generator, head and bank are far larger than a tiny teacher needs.
@@ -36,19 +36,6 @@ COMMON = ["--device", "cpu", "--grid-intensity", "400", "--json"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny 10-class checkpoint whose BN running statistics are not the initial 0 / 1."""
-    torch.manual_seed(0)
-    model = create_model("tiny", 10).train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(32, 3, 32, 32) * 4 - 2)
-    path = tmp_path_factory.mktemp("teacher") / "tiny.safetensors"
-    save_checkpoint(path, model.eval(), CheckpointMeta("tiny", 10, CIFAR10_MEAN, CIFAR10_STD, "test"))
-    return path
 
 
 def synthesize(run: Path, teacher: Path, *args: str) -> dict:
