@@ -24,7 +24,7 @@ from rich.table import Table
 
 from bench_common import write_results
 
-from dfkd.meter import read_ledger
+from dfkd.carbon.ledger import read_ledger
 
 
 def distill_once(synthetic: Path, workdir: Path, tau: str, args: argparse.Namespace) -> dict:

@@ -22,9 +22,9 @@ from rich.table import Table
 from bench_common import write_results
 
 from dfkd.checkpoints import load_checkpoint
-from dfkd.config import apply_overrides
-from dfkd.runtime import resolve_device
-from dfkd.synthesis import batch_targets
+from dfkd.config.overrides import apply_overrides
+from dfkd.device import resolve_device
+from dfkd.stages.synthesis import batch_targets
 from synthesizers import get_synthesizer
 
 

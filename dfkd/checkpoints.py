@@ -18,11 +18,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.files import atomic_write_bytes
 from dfkd.models import create_model, model_spec
-from dfkd.rundir import atomic_write_bytes
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 _REQUIRED = ("arch", "num_classes", "mean", "std", "dataset")
 _CORE = set(_REQUIRED) | {"input_size", "test_acc"}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import functools
 import json
@@ -14,13 +13,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, import_pth, read_meta
-from dfkd.config import CarbonConfig, apply_overrides, config_dict
+from dfkd.carbon.config import CarbonConfig
+from dfkd.config.overrides import apply_overrides, config_dict
+from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
 from dfkd.errors import DfkdError
+from dfkd.files import sha256_file
 from dfkd.models import list_models, model_spec
-from dfkd.rundir import RunDir, sha256_file
+from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
+from dfkd.rundir import RunDir, default_run_dir
 
-DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "checkpoints" / "wrn40_2_cifar10.safetensors"
+# Heavy modules (torch, kornia, codecarbon) are imported inside the commands that need them, so
+# `dfkd --help`, `dfkd report`, `dfkd audit` and `dfkd validate` start fast and run without torch.
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Data-free knowledge distillation with per-stage carbon accounting.")
 teacher_app = typer.Typer(no_args_is_help=True, help="Train a teacher on real data.")
@@ -75,10 +78,6 @@ JSON = typer.Option(False, "--json", help="Quiet machine-readable JSON on stdout
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")
 
 
-def default_run_dir(prefix: str) -> Path:
-    return Path("runs") / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
@@ -119,10 +118,11 @@ def teacher_train(
     as_json: bool = JSON,
 ) -> None:
     """Train a teacher with the standard CIFAR recipe; metered as stage `teacher-training`."""
+    from dfkd.config.teacher import TeacherConfig
     from dfkd.data import check_data_path
-    from dfkd.runtime import resolve_device
-    from dfkd.stages import run_metered
-    from dfkd.teacher import TeacherConfig, train_teacher
+    from dfkd.device import resolve_device
+    from dfkd.stages.runner import run_metered
+    from dfkd.stages.teacher import train_teacher
 
     if out_path.suffix != ".safetensors":
         raise DfkdError(f"--out {out_path} must end in .safetensors")
@@ -164,8 +164,8 @@ def evaluate_command(
     as_json: bool = JSON,
 ) -> None:
     """Top-1 accuracy, per-class precision/recall/F1, Cohen's kappa and the confusion matrix."""
-    from dfkd.evaluate import evaluate_checkpoint
-    from dfkd.runtime import resolve_device
+    from dfkd.device import resolve_device
+    from dfkd.stages.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(model, data, resolve_device(device))
     if as_json:
@@ -188,6 +188,8 @@ def evaluate_command(
 @user_errors
 def checkpoint_info(path: Path = typer.Argument(..., help="A .safetensors checkpoint."), as_json: bool = JSON) -> None:
     """Print a checkpoint's validated metadata and sha256."""
+    from dfkd.checkpoints import read_meta
+
     meta = read_meta(path)
     info = {**meta.to_strings(), "sha256": sha256_file(path), "path": str(path)}
     if as_json:
@@ -213,6 +215,8 @@ def checkpoint_import(
     as_json: bool = JSON,
 ) -> None:
     """Convert a .pth checkpoint (loaded with weights_only=True) to a validated .safetensors."""
+    from dfkd.checkpoints import CheckpointMeta, import_pth
+
     if dst.suffix != ".safetensors":
         raise DfkdError(f"destination {dst} must end in .safetensors")
     model_spec(arch)
@@ -232,7 +236,7 @@ def checkpoint_import(
 @user_errors
 def synthesize_command(
     method: str = typer.Option("cmi", "--method", help="Synthesis method: cmi or deepinversion."),
-    teacher: Path = typer.Option(DEFAULT_TEACHER, "--teacher", help="Teacher checkpoint (.safetensors)."),
+    teacher: Path = typer.Option(EMBEDDED_TEACHER_PATH, "--teacher", help="Teacher checkpoint (.safetensors)."),
     num_images: int = typer.Option(50_000, "--num-images", help="How many synthetic images to make."),
     batch_size: int = typer.Option(256, "--batch-size", help="Synthesis batch (independent of the distillation batch)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimisation steps per batch (default: the method's published setting)."),
@@ -247,8 +251,9 @@ def synthesize_command(
     as_json: bool = JSON,
 ) -> None:
     """Invert the teacher into synthetic image shards; metered as stage `synthesis`. Resumes by default."""
-    from dfkd.config import parse_set_options
-    from dfkd.synthesis import SynthesisConfig, prepare_synthesis, run_synthesis
+    from dfkd.config.overrides import parse_set_options
+    from dfkd.config.synthesis import SynthesisConfig
+    from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
 
     config = apply_overrides(
         SynthesisConfig(),
@@ -301,8 +306,9 @@ def distill_command(
     as_json: bool = JSON,
 ) -> None:
     """Distil a student from the teacher on the synthetic set; metered as stage `distillation`. Resumes by default."""
-    from dfkd.distill import DistillConfig, distill_run
-    from dfkd.tau import parse_tau_range
+    from dfkd.config.distill import DistillConfig
+    from dfkd.config.tau import parse_tau_range
+    from dfkd.stages.distill import distill_run
 
     config = apply_overrides(
         DistillConfig(),
@@ -339,9 +345,9 @@ def report_command(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write to this file (atomically) instead of stdout."),
 ) -> None:
     """The per-stage carbon report: energy, CO2eq, FLOPs and results of every ledger record."""
-    from dfkd.report import build_report
-    from dfkd.report_render import render, render_table
-    from dfkd.rundir import atomic_write_bytes
+    from dfkd.files import atomic_write_bytes
+    from dfkd.report.build import build_report
+    from dfkd.report.render import render, render_table
 
     report = build_report(runs)
     if out_file is None and fmt == "table":
@@ -363,8 +369,8 @@ def audit_command(
     as_json: bool = JSON,
 ) -> None:
     """Re-hash every artifact, check the ledger's hash chain and the totals; exit 1 on any mismatch."""
-    from dfkd.audit import audit_run
-    from dfkd.report import load_report
+    from dfkd.report.audit import audit_run
+    from dfkd.report.build import load_report
 
     problems = audit_run(run, load_report(report_file) if report_file else None)
     if as_json:
@@ -381,8 +387,8 @@ RECIPE_SETS = typer.Option(None, "--set", help="Recipe override section.key=valu
 
 
 def _print_run_report(runs: list[Path]) -> None:
-    from dfkd.report import build_report
-    from dfkd.report_render import render_table
+    from dfkd.report.build import build_report
+    from dfkd.report.render import render_table
 
     out.print(render_table(build_report(runs)))
 
@@ -396,11 +402,11 @@ def run_command(
     as_json: bool = JSON,
 ) -> None:
     """Run a recipe: synthesize, distil and evaluate in one run dir, each stage metered; then the carbon report."""
-    from dfkd.pipeline import default_run_dir as recipe_run_dir, run_recipe
-    from dfkd.recipe import load_recipe
+    from dfkd.config.recipe import load_recipe
+    from dfkd.stages.pipeline import run_recipe
 
     recipe = load_recipe(recipe_file, settings)
-    summary = run_recipe(recipe, run or recipe_run_dir(recipe.name), show_progress=not as_json)
+    summary = run_recipe(recipe, run or default_run_dir(recipe.name), show_progress=not as_json)
     if as_json:
         print_json(summary)
         return
@@ -417,7 +423,7 @@ def run_command(
 @user_errors
 def recipes_command(as_json: bool = JSON) -> None:
     """List the shipped recipes, one line each."""
-    from dfkd.recipe import describe, recipe_paths
+    from dfkd.config.recipe import describe, recipe_paths
 
     rows = [{"recipe": f"recipes/{path.name}", "description": describe(path)} for path in recipe_paths()]
     if as_json:
@@ -437,7 +443,7 @@ def validate_command(
 
     A teacher file that does not exist yet is noted, not an error: some teachers are the user's to provide.
     """
-    from dfkd.recipe import load_recipe, recipe_paths
+    from dfkd.config.recipe import load_recipe, recipe_paths
 
     rows = []
     for path in recipe_files or recipe_paths():
@@ -461,12 +467,12 @@ def study_tau_command(
     as_json: bool = JSON,
 ) -> None:
     """From one synthetic set, a stochastic-τ and a grid-tuned distillation, and the paper's Table-6 comparison."""
-    from dfkd.pipeline import STUDY_FILE, default_run_dir as recipe_run_dir, study_tau
-    from dfkd.recipe import load_recipe
-    from dfkd.report_render import render_table
+    from dfkd.config.recipe import load_recipe
+    from dfkd.report.render import render_table
+    from dfkd.stages.pipeline import STUDY_FILE, study_tau
 
     recipe = load_recipe(recipe_file, settings)
-    root = run or recipe_run_dir(f"{recipe.name}-tau")
+    root = run or default_run_dir(f"{recipe.name}-tau")
     report = study_tau(recipe, root, show_progress=not as_json)
     if as_json:
         print_json({"study": str(root), "comparisons": report["comparisons"]})

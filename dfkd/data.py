@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from dfkd.errors import DfkdError
-from dfkd.rundir import atomic_write_bytes
+from dfkd.files import atomic_write_bytes
 
 Split = Literal["train", "test"]
 Layout = Literal["cifar10-python", "cifar100-python", "imagefolder"]
@@ -79,6 +79,27 @@ class ImageSet:
     def to(self, device: torch.device | str) -> ImageSet:
         """The same split with images and labels on `device` (still uint8: 4x less memory than float)."""
         return replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
+    @property
+    def input_size(self) -> int:
+        """The side of the (square) images; non-square images are a `DfkdError`."""
+        height, width = self.images.shape[-2:]
+        if height != width:
+            raise DfkdError(f"{self.source} holds {height}x{width} images: dfkd models take square images")
+        return int(height)
+
+    def channel_stats(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """Per-channel mean and std of the pixels in [0, 1], summed in float64 over chunks of images."""
+        total = torch.zeros(3, dtype=torch.float64)
+        squares = torch.zeros(3, dtype=torch.float64)
+        for start in range(0, len(self), _CHUNK * 8):
+            chunk = self.images[start : start + _CHUNK * 8].to("cpu", torch.float64).div_(255)
+            total += chunk.sum(dim=(0, 2, 3))
+            squares += chunk.square().sum(dim=(0, 2, 3))
+        count = len(self) * self.images.shape[-2] * self.images.shape[-1]
+        mean = total / count
+        std = (squares / count - mean.square()).clamp_min(0).sqrt()
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]
 
     def subset(self, indices: Tensor | Sequence[int]) -> ImageSet:
         """The images at `indices` (integer positions or a boolean mask), on the set's device."""

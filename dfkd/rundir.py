@@ -1,11 +1,10 @@
-"""The run directory: atomic writes, sha256 hashing, the manifest and the single-writer lock.
+"""The run directory: its typed manifest, its artifacts and the single-writer lock.
 
 Layout of `runs/<name>/`:
     manifest.json   resolved configs, versions, device, seeds, git commit, sha256 of every artifact
-    carbon.jsonl    the hash-chained ledger of metered stages (written by `dfkd.meter`)
-    synthetic/      stage 1 output;  student/  stage 2 output
-Every file is written to a temporary name in the same folder, fsynced, then renamed over the
-target, so a killed process leaves either the old file or the new one, never half of one.
+    carbon.jsonl    the hash-chained ledger of metered stages (written by `dfkd.carbon.meter`)
+    synthetic/      stage 1 output (`dfkd.synthetic_set`);  student/  stage 2 output
+No torch here.
 """
 
 from __future__ import annotations
@@ -13,100 +12,26 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
-import hashlib
-import json
 import os
-import platform
-import subprocess
-import sys
-from importlib import metadata
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from dfkd.carbon.ledger import LEDGER_FILE
 from dfkd.errors import DfkdError
+from dfkd.files import sha256_file
+from dfkd.manifest import MANIFEST_FILE, ArtifactEntry, Manifest, load_manifest, new_manifest, save_manifest
 
-MANIFEST_SCHEMA = "dfkd.manifest/1"
-_CHUNK = 1 << 20
-
-
-def utc_now() -> str:
-    """Current UTC time as an ISO-8601 string with a Z suffix."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+SYNTHETIC_DIR = "synthetic"
+STUDENT_DIR = "student"
+# Each stage's outputs, by manifest section: what `discard` removes.
+STAGE_DIRS = {"synthesis": SYNTHETIC_DIR, "distillation": STUDENT_DIR}
 
 
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
-
-    On any exception the temporary file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> str:
-    """Write `data` to `path` atomically and return its sha256."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return sha256_bytes(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> str:
-    """Write `obj` as indented JSON atomically and return the file's sha256."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of the packages whose behaviour the figures depend on."""
-    versions = {"python": platform.python_version()}
-    for name in ("dfkd", "torch", "torchvision", "kornia", "codecarbon", "safetensors"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def git_commit() -> str | None:
-    """The commit of the dfkd source tree, when it is a git checkout; None otherwise."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+def default_run_dir(name: str) -> Path:
+    """`runs/<name>-<local time>`: where a run goes when no --run is given."""
+    return Path("runs") / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 class RunDir:
@@ -118,14 +43,14 @@ class RunDir:
 
     @property
     def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST_FILE
 
     @property
     def ledger_path(self) -> Path:
-        return self.root / "carbon.jsonl"
+        return self.root / LEDGER_FILE
 
     @classmethod
-    def open(cls, root: Path, create: bool = True) -> "RunDir":
+    def open(cls, root: Path, create: bool = True) -> RunDir:
         """Open (and with `create`, make) a run directory; an unusable path is a `DfkdError`."""
         root = Path(root)
         if root.exists() and not root.is_dir():
@@ -136,7 +61,9 @@ class RunDir:
             try:
                 root.mkdir(parents=True)
             except OSError as exc:
-                raise DfkdError(f"cannot create run dir {root} ({exc.strerror}): choose a writable --run path") from None
+                raise DfkdError(
+                    f"cannot create run dir {root} ({exc.strerror}): choose a writable --run path"
+                ) from None
         if not os.access(root, os.W_OK | os.X_OK):
             raise DfkdError(f"run dir {root} is not writable: choose a writable --run path")
         return cls(root)
@@ -165,55 +92,61 @@ class RunDir:
             self._lock_fd = None
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator["RunDir"]:
+    def locked(self) -> Iterator[RunDir]:
         self.lock()
         try:
             yield self
         finally:
             self.unlock()
 
-    def read_manifest(self) -> dict[str, Any]:
+    def read_manifest(self) -> Manifest:
         """The manifest, or a fresh skeleton when the run has none yet."""
-        if not self.manifest_path.exists():
-            return {
-                "schema": MANIFEST_SCHEMA,
-                "created": utc_now(),
-                "versions": package_versions(),
-                "git_commit": git_commit(),
-                "host": {"platform": platform.platform(), "python": sys.version.split()[0]},
-                "stages": {},
-                "artifacts": {},
-            }
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DfkdError(f"manifest {self.manifest_path} is unreadable ({exc}): restore it or start a new --run") from None
+        return load_manifest(self.manifest_path) or new_manifest()
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        manifest["updated"] = utc_now()
-        atomic_write_json(self.manifest_path, manifest)
+    def write_manifest(self, manifest: Manifest) -> None:
+        save_manifest(self.manifest_path, manifest)
 
-    def update_manifest(self, **sections: Any) -> dict[str, Any]:
-        """Read-modify-write: merge `stages`/top-level keys into the manifest and write it atomically."""
+    def update_manifest(self, **sections: Any) -> Manifest:
+        """Read-modify-write: merge `stages`/`artifacts`/top-level keys into the manifest, atomically."""
         manifest = self.read_manifest()
+        raw: dict[str, Any] = manifest  # type: ignore[assignment]  # keys are checked by the callers' sections
         for key, value in sections.items():
             if key == "stages":
                 for stage, content in value.items():
-                    manifest["stages"].setdefault(stage, {}).update(content)
+                    raw["stages"].setdefault(stage, {}).update(content)
             elif key == "artifacts":
-                manifest["artifacts"].update(value)
+                raw["artifacts"].update(value)
             else:
-                manifest[key] = value
+                raw[key] = value
         self.write_manifest(manifest)
         return manifest
+
+    def discard(self, *stages: str) -> None:
+        """--overwrite: forget and remove the outputs and manifest sections of `stages`.
+
+        The caller names every stage built on the one it replaces (a new synthetic set invalidates
+        the students distilled from it). Entries go first, so a kill leaves files that are never counted.
+        """
+        folders = [self.root / STAGE_DIRS[stage] for stage in stages]
+        self.forget_artifacts(*folders)
+        manifest = self.read_manifest()
+        sections: dict[str, Any] = manifest["stages"]  # type: ignore[assignment]
+        for stage in stages:
+            sections.pop(stage, None)
+        self.write_manifest(manifest)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def relative(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
-    def artifact_entry(self, path: Path, stage: str, role: str = "output", sha256: str | None = None) -> dict[str, Any]:
+    def artifact_entry(
+        self, path: Path, stage: str, role: str = "output", sha256: str | None = None
+    ) -> dict[str, ArtifactEntry]:
         """`{relative path: {sha256, bytes, stage, role}}` for `path`, hashing it unless the hash is given."""
         digest = sha256 or sha256_file(path)
-        return {self.relative(path): {"sha256": digest, "bytes": Path(path).stat().st_size, "stage": stage, "role": role}}
+        entry: ArtifactEntry = {"sha256": digest, "bytes": Path(path).stat().st_size, "stage": stage, "role": role}
+        return {self.relative(path): entry}
 
     def artifact_intact(self, path: Path) -> bool:
         """Whether `path` exists and its sha256 equals the manifest's entry for it."""
@@ -228,8 +161,17 @@ class RunDir:
         self.update_manifest(artifacts=entry)
         return next(iter(entry.values()))["sha256"]
 
-    def forget_artifacts(self, prefix: str) -> None:
-        """Drop manifest entries under `prefix` (used by --overwrite before files are removed)."""
+    def forget_artifacts(self, *paths: Path) -> None:
+        """Drop the manifest entries of `paths` (files and whole folders) in one write.
+
+        Entries go before the files do: a kill in between leaves files without entries, which are
+        never counted.
+        """
+        prefixes = [self.relative(path) for path in paths]
         manifest = self.read_manifest()
-        manifest["artifacts"] = {k: v for k, v in manifest["artifacts"].items() if not k.startswith(prefix)}
+        manifest["artifacts"] = {
+            key: entry
+            for key, entry in manifest["artifacts"].items()
+            if not any(key == prefix or key.startswith(f"{prefix}/") for prefix in prefixes)
+        }
         self.write_manifest(manifest)

@@ -1,30 +1,19 @@
 """Model-inversion synthesizers: images from a frozen teacher alone (DeepInversion, CMI).
 
-Importing the package registers every method; `get_synthesizer(name)` returns its class.
+Importing the package loads no torch: the registry and the settings classes are torch-free, and
+`get_synthesizer(name)` imports a method's implementation when it is first built.
 """
 
-from synthesizers.base import (
-    SYNTHESIZERS,
-    SynthesisBatch,
-    Synthesizer,
-    get_synthesizer,
-    list_synthesizers,
-    register,
-)
-from synthesizers.bn_stats import BatchNormStatistics
-from synthesizers.cmi import CMI, CMIConfig
-from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
+from synthesizers.configs import CMIConfig, DeepInversionConfig, MethodConfig
+from synthesizers.registry import METHODS, get_synthesizer, list_synthesizers, method_config_class, register
 
 __all__ = [
-    "SYNTHESIZERS",
-    "BatchNormStatistics",
-    "CMI",
+    "METHODS",
     "CMIConfig",
-    "DeepInversion",
     "DeepInversionConfig",
-    "SynthesisBatch",
-    "Synthesizer",
+    "MethodConfig",
     "get_synthesizer",
     "list_synthesizers",
+    "method_config_class",
     "register",
 ]

@@ -22,52 +22,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from synthesizers.bn_stats import BatchNormStatistics
+from synthesizers.configs import MethodConfig
 
 Progress = Callable[[int, Tensor], None]
 SynthesizerState = dict[str, dict[str, Any]]
-
-
-class SynthesisConfig(Protocol):
-    """The fields every method's config has besides its own hyper-parameters."""
-
-    iterations: int
-    amp: bool
-    compile: bool
-    log_every: int
-
-
-def check_ranges(
-    config: Any,
-    at_least_one: tuple[str, ...] = (),
-    positive: tuple[str, ...] = (),
-    non_negative: tuple[str, ...] = (),
-    unit_interval: tuple[str, ...] = (),
-) -> None:
-    """The range checks every method's config shares; a value out of range is a ValueError naming it.
-
-    Both methods weigh a BN-statistics and a cross-entropy term: with both at 0 nothing ties the
-    images to the teacher, so that is refused here too.
-    """
-    for name in at_least_one:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in positive:
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
-    for name in non_negative:
-        if not getattr(config, name) >= 0.0:
-            raise ValueError(f"{name} must be non-negative, got {getattr(config, name)}")
-    for name in unit_interval:
-        if not 0.0 <= getattr(config, name) < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1), got {getattr(config, name)}")
-    if config.bn_weight == config.ce_weight == 0.0:
-        raise ValueError("bn_weight and ce_weight cannot both be 0: nothing would tie the images to the teacher")
 
 
 @dataclass
@@ -99,7 +63,7 @@ class Synthesizer(ABC):
     def __init__(
         self,
         teacher: nn.Module,
-        config: SynthesisConfig,
+        config: MethodConfig,
         device: torch.device,
         mean: tuple[float, ...],
         std: tuple[float, ...],
@@ -184,27 +148,3 @@ class Synthesizer(ABC):
 def keep_lowest(best: Tensor, candidate: Tensor, improved: Tensor) -> Tensor:
     """Per row, `candidate` where `improved` else `best`: the lowest-loss iterate kept on the device."""
     return torch.where(improved.view(-1, *([1] * (candidate.dim() - 1))), candidate, best)
-
-
-SYNTHESIZERS: dict[str, type[Synthesizer]] = {}
-
-
-def register(cls: type[Synthesizer]) -> type[Synthesizer]:
-    """Class decorator: make `cls` available under `cls.name`."""
-    if cls.name in SYNTHESIZERS:
-        raise ValueError(f"synthesizer {cls.name!r} is registered twice")
-    SYNTHESIZERS[cls.name] = cls
-    return cls
-
-
-def list_synthesizers() -> list[str]:
-    """The registered synthesizer names, sorted."""
-    return sorted(SYNTHESIZERS)
-
-
-def get_synthesizer(name: str) -> type[Synthesizer]:
-    """The class registered as `name`; an unknown name is a ValueError listing the valid ones."""
-    try:
-        return SYNTHESIZERS[name]
-    except KeyError:
-        raise ValueError(f"unknown synthesizer {name!r}: choose one of {', '.join(list_synthesizers())}") from None

@@ -28,7 +28,6 @@ bank come from a final no-grad fp32 forward of the kept, un-augmented images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import kornia.augmentation as K
@@ -36,53 +35,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dfkd.optim import load_optimizer_tensors, optimizer_tensors
+from synthesizers.configs import CMIConfig
+from synthesizers.registry import register
 from synthesizers.base import (
     Progress,
     SynthesisBatch,
     Synthesizer,
     SynthesizerState,
-    check_ranges,
     keep_lowest,
-    register,
 )
-
-
-@dataclass(frozen=True)
-class CMIConfig:
-    """CMI's hyper-parameters; the defaults are the published CIFAR-10 ones.
-
-    `head_lr` is the projection head's learning rate, separate from the generator's `lr` so that
-    raising the generator's for short runs leaves the persistent head's training as published.
-    """
-
-    iterations: int = 200
-    lr: float = 1e-3
-    head_lr: float = 1e-3
-    beta1: float = 0.5
-    beta2: float = 0.999
-    nz: int = 256
-    ngf: int = 64
-    bn_weight: float = 1.0
-    ce_weight: float = 1.0
-    contrastive_weight: float = 0.8
-    temperature: float = 0.1
-    bank_size: int = 40960
-    num_negatives: int = 4096
-    head_dim: int = 256
-    amp: bool = True
-    compile: bool = False
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            at_least_one=("iterations", "nz", "ngf", "head_dim", "bank_size", "log_every"),
-            positive=("lr", "head_lr", "temperature"),
-            non_negative=("bn_weight", "ce_weight", "contrastive_weight"),
-            unit_interval=("beta1", "beta2"),
-        )
-        if not 0 <= self.num_negatives <= self.bank_size:
-            raise ValueError(f"num_negatives must lie in [0, bank_size={self.bank_size}], got {self.num_negatives}")
 
 
 class Generator(nn.Module):
@@ -239,8 +201,7 @@ class CMI(Synthesizer):
         scalars: method, bank_pointer, bank_count, bank_size, feature_dim, head_dim."""
         tensors = {"bank": self.bank[: self.bank_count]}
         tensors.update({f"head.{key}": value for key, value in self.head.state_dict().items()})
-        for index, slots in self.head_optimizer.state_dict()["state"].items():
-            tensors.update({f"head_optimizer.{index}.{key}": value for key, value in slots.items()})
+        tensors.update(optimizer_tensors(self.head_optimizer, "head_optimizer"))
         scalars = {
             "method": self.name,
             "bank_pointer": self.bank_pointer,
@@ -269,14 +230,7 @@ class CMI(Synthesizer):
         if bank.shape != (count, self.statistics.feature_dim) or not 0 <= pointer < self.config.bank_size:
             raise ValueError(f"state's bank {tuple(bank.shape)} does not match its count {count} / pointer {pointer}")
         self.head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")})
-        slots: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("head_optimizer."):
-                _, index, name = key.split(".")
-                slots.setdefault(int(index), {})[name] = value
-        self.head_optimizer.load_state_dict(
-            {"state": dict(sorted(slots.items())), "param_groups": self.head_optimizer.state_dict()["param_groups"]}
-        )
+        load_optimizer_tensors(self.head_optimizer, tensors, "head_optimizer")
         self.bank.zero_()
         self.bank[:count] = bank.to(self.device)
         self.bank_pointer, self.bank_count = pointer, count

@@ -20,55 +20,21 @@ exists while images are synthesised.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from synthesizers.configs import DeepInversionConfig
+from synthesizers.registry import register
 from synthesizers.base import (
     Progress,
     SynthesisBatch,
     Synthesizer,
     SynthesizerState,
-    check_ranges,
     keep_lowest,
-    register,
 )
-
-
-@dataclass(frozen=True)
-class DeepInversionConfig:
-    """DeepInversion's hyper-parameters; the defaults are the published CIFAR-10 ones (2,000 steps).
-
-    `lr` acts on normalised pixels, as published.
-    """
-
-    iterations: int = 2000
-    lr: float = 0.1
-    beta1: float = 0.5
-    beta2: float = 0.99
-    bn_weight: float = 10.0
-    ce_weight: float = 1.0
-    tv_weight: float = 1e-3
-    l2_weight: float = 0.0
-    jitter: float = 0.125
-    flip: bool = True
-    amp: bool = True
-    compile: bool = False
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            at_least_one=("iterations", "log_every"),
-            positive=("lr",),
-            non_negative=("bn_weight", "ce_weight", "tv_weight", "l2_weight"),
-            unit_interval=("beta1", "beta2"),
-        )
-        if not 0.0 <= self.jitter < 0.5:
-            raise ValueError(f"jitter must lie in [0, 0.5) (a fraction of the image size), got {self.jitter}")
 
 
 def total_variation(images: Tensor) -> Tensor:

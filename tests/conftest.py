@@ -13,7 +13,8 @@ from typing import Iterator
 import pytest
 import torch
 
-from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, CheckpointMeta, save_checkpoint
+from dfkd.checkpoints import CheckpointMeta, save_checkpoint
+from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.models import create_model
 
 SHARED = Path(os.environ.get("DFKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))

@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.checkpoints import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
     CheckpointMeta,
     import_pth,
     load_checkpoint,
@@ -21,7 +20,7 @@ from dfkd.checkpoints import (
 )
 from dfkd.errors import DfkdError
 from dfkd.models import create_model
-from dfkd.rundir import sha256_file
+from dfkd.files import sha256_file
 
 META = CheckpointMeta(
     arch="tiny",

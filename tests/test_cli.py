@@ -17,12 +17,13 @@ from PIL import Image
 from typer.testing import CliRunner, Result
 
 from conftest import save_tiny_teacher
-from dfkd.checkpoints import CIFAR10_MEAN, CIFAR10_STD, load_checkpoint
+from dfkd.checkpoints import load_checkpoint
+from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.cli import app
 from dfkd.errors import DfkdError
-from dfkd.meter import read_ledger, verify_ledger
+from dfkd.carbon.ledger import read_ledger, verify_ledger
 from dfkd.models import create_model, list_models, model_spec
-from dfkd.rundir import sha256_file
+from dfkd.files import sha256_file
 
 runner = CliRunner()
 

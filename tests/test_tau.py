@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.tau import FixedTau, StochasticTau, TauSpec, make_sampler, parse_tau, parse_tau_range
+from dfkd.config.tau import TauSpec, parse_tau, parse_tau_range
+from dfkd.tau import FixedTau, StochasticTau, make_sampler
 
 
 def test_parse_tau_forms() -> None:

@@ -1,0 +1,230 @@
+"""Recipes: one TOML file per experiment, validated into typed configs before any work starts.
+
+A recipe has the sections [run], [teacher], [synthesize], [distill], [evaluate] and [carbon]. The
+stage sections are the existing configs (`SynthesisConfig`, `DistillConfig`, `CarbonConfig`) filled
+through `apply_overrides`, so a recipe and the CLI flags are checked by the same rules; only the
+keys that belong to another section are left out (the teacher, the device, the evaluation data).
+`[synthesize]` also takes `iterations` and a `[synthesize.settings]` table of method settings.
+
+Relative paths are taken from the directory `dfkd` runs in (the repository root for the shipped
+recipes). Validation checks structure and values, not that a user-provided file exists: the
+CIFAR-100 teacher is the user's to supply, and `dfkd run` names it when it is missing.
+No torch here: the synthesizer registry validates the method settings without loading the methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dfkd.carbon.config import CarbonConfig
+from dfkd.config.distill import DistillConfig
+from dfkd.config.overrides import apply_overrides, config_dict
+from dfkd.config.synthesis import SynthesisConfig
+from dfkd.errors import DfkdError
+from synthesizers import list_synthesizers, method_config_class
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPES_DIR = REPO_ROOT / "recipes"
+# The embedded default teacher, as recipes name it (relative to the directory dfkd runs in) and as a path.
+EMBEDDED_TEACHER = "checkpoints/wrn40_2_cifar10.safetensors"
+EMBEDDED_TEACHER_PATH = REPO_ROOT / EMBEDDED_TEACHER
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """What the run is and where it runs."""
+
+    description: str = ""
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    checkpoint: str = EMBEDDED_TEACHER
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint.endswith(".safetensors"):
+            raise ValueError(f"checkpoint must be a .safetensors file, got {self.checkpoint!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    """The real test data the student is scored on (empty: agreement with the teacher on held-out synthetic images)."""
+
+    data: str = ""
+    every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0 (0 = only at the end), got {self.every}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: the stage configs exactly as the stages take them."""
+
+    name: str
+    run: RunSection
+    teacher: TeacherSection
+    synthesis: SynthesisConfig
+    distill: DistillConfig
+    evaluate: EvaluateSection
+    carbon: CarbonConfig
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as sections of plain values (what is saved in the run dir and compared on resume)."""
+        synthesis = config_dict(self.synthesis)
+        settings = synthesis.pop("method_settings")
+        for key in ("teacher", "device"):
+            synthesis.pop(key)
+        distill = config_dict(self.distill)
+        for key in _DISTILL_ELSEWHERE:
+            distill.pop(key)
+        # Through JSON, so it compares equal to the copy read back from the run dir (tuples become lists).
+        return json.loads(json.dumps({
+            "name": self.name, "run": config_dict(self.run), "teacher": config_dict(self.teacher),
+            "synthesize": {**synthesis, "settings": settings}, "distill": distill,
+            "evaluate": config_dict(self.evaluate), "carbon": config_dict(self.carbon),
+        }))
+
+
+# Keys of the stage configs that a recipe sets in another section.
+_SYNTHESIS_ELSEWHERE = ("teacher", "device", "method_settings")
+_DISTILL_ELSEWHERE = ("teacher", "device", "eval_data", "eval_every")
+_SECTIONS = ("run", "teacher", "synthesize", "distill", "evaluate", "carbon")
+
+
+def _keys(config_class: type, excluded: tuple[str, ...], extra: tuple[str, ...] = ()) -> list[str]:
+    return sorted({f.name for f in dataclasses.fields(config_class) if f.name not in excluded} | set(extra))
+
+
+def _check_type(section: str, key: str, value: Any, annotation: Any) -> None:
+    """TOML already types its values: a string where a number belongs is an error, not a conversion."""
+    expected = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(annotation)
+    if expected is None:
+        return
+    if isinstance(value, bool) and annotation is not bool or not isinstance(value, expected):
+        raise DfkdError(
+            f"recipe key {section}.{key} = {value!r} has the wrong type: it must be {annotation.__name__}"
+        )
+
+
+def _section(section: str, raw: dict[str, Any], default: Any, valid: list[str], from_file: set[str]) -> Any:
+    """`default` with the section's keys applied; an unknown key is an error that lists the valid ones."""
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise DfkdError(f"unknown recipe key {section}.{unknown[0]}: valid keys of section {section} are {', '.join(valid)}")
+    hints = typing.get_type_hints(type(default))
+    for key in raw:
+        if key in from_file and key in hints:
+            _check_type(section, key, raw[key], hints[key])
+    return apply_overrides(default, raw, f"{section} setting")
+
+
+def _method_settings(method: str, settings: dict[str, Any], iterations: Any) -> dict[str, Any]:
+    """The method's settings, checked against its config now rather than when the stage starts."""
+    try:
+        config_class = method_config_class(method)
+    except ValueError:
+        raise DfkdError(f"recipe key synthesize.method = {method!r}: choose one of {', '.join(list_synthesizers())}") from None
+    merged = {**settings, **({"iterations": iterations} if iterations is not None else {})}
+    apply_overrides(config_class(), merged, f"synthesize.settings ({method})")
+    return merged
+
+
+def parse_recipe_overrides(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """`["distill.epochs=3", "synthesize.settings.nz=16"]` -> `{"distill": {"epochs": "3"}, "synthesize": {"settings.nz": "16"}}`."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise DfkdError(f"--set {item!r} is not of the form section.key=value (e.g. distill.epochs=3)")
+        out.setdefault(section, {})[name] = value.strip()
+    return out
+
+
+def _merge(data: dict[str, Any], overrides: dict[str, dict[str, str]]) -> tuple[dict[str, Any], dict[str, set[str]]]:
+    """The file's sections with the overrides applied; also which keys came from the file (typed by TOML)."""
+    merged = {name: dict(content) if isinstance(content, dict) else content for name, content in data.items()}
+    from_file = {name: set(content) if isinstance(content, dict) else set() for name, content in data.items()}
+    for section, values in overrides.items():
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            break
+        for key, value in values.items():
+            if section == "synthesize" and key.startswith("settings."):
+                target.setdefault("settings", {})[key.removeprefix("settings.")] = value
+            else:
+                target[key] = value
+                from_file.get(section, set()).discard(key)
+    return merged, from_file
+
+
+def build_recipe(name: str, data: dict[str, Any], overrides: dict[str, dict[str, str]] | None = None) -> Recipe:
+    """Validate parsed TOML (plus `--set` overrides) into a `Recipe`; every problem is a `DfkdError`."""
+    merged, from_file = _merge(data, overrides or {})
+    for section, content in merged.items():
+        if section not in _SECTIONS:
+            raise DfkdError(f"unknown recipe section {section!r}: valid sections are {', '.join(_SECTIONS)}")
+        if not isinstance(content, dict):
+            raise DfkdError(f"recipe section {section!r} must be a table of key = value lines")
+    run = _section("run", merged.get("run", {}), RunSection(), _keys(RunSection, ()), from_file.get("run", set()))
+    teacher = _section("teacher", merged.get("teacher", {}), TeacherSection(), ["checkpoint"], from_file.get("teacher", set()))
+    raw_synthesis = dict(merged.get("synthesize", {}))
+    settings = raw_synthesis.pop("settings", {})
+    if not isinstance(settings, dict):
+        raise DfkdError("recipe key synthesize.settings must be a table of method settings (a synthesize.settings section)")
+    iterations = raw_synthesis.pop("iterations", None)
+    synthesis = _section(
+        "synthesize", raw_synthesis, SynthesisConfig(teacher=teacher.checkpoint, device=run.device),
+        _keys(SynthesisConfig, _SYNTHESIS_ELSEWHERE, ("iterations", "settings")), from_file.get("synthesize", set()),
+    )
+    synthesis = dataclasses.replace(synthesis, method_settings=_method_settings(synthesis.method, settings, iterations))
+    evaluate = _section("evaluate", merged.get("evaluate", {}), EvaluateSection(), _keys(EvaluateSection, ()), from_file.get("evaluate", set()))
+    distill = _section(
+        "distill", merged.get("distill", {}),
+        DistillConfig(teacher=teacher.checkpoint, device=run.device, eval_data=evaluate.data, eval_every=evaluate.every),
+        _keys(DistillConfig, _DISTILL_ELSEWHERE), from_file.get("distill", set()),
+    )
+    carbon = _section("carbon", merged.get("carbon", {}), CarbonConfig(), _keys(CarbonConfig, ()), from_file.get("carbon", set()))
+    return Recipe(name, run, teacher, synthesis, distill, evaluate, carbon)
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate the recipe at `path`, with `--set section.key=value` overrides."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise DfkdError(f"recipe {path} does not exist: `dfkd recipes` lists the shipped ones") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DfkdError(f"recipe {path} is unreadable ({exc}): pass a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DfkdError(f"recipe {path} is not valid TOML ({exc}): fix that line") from None
+    try:
+        return build_recipe(path.stem, data, parse_recipe_overrides(overrides))
+    except DfkdError as exc:
+        raise DfkdError(f"{path}: {exc}") from None
+
+
+def recipe_paths(folder: Path = RECIPES_DIR) -> list[Path]:
+    return sorted(Path(folder).glob("*.toml"))
+
+
+def describe(path: Path) -> str:
+    """One line about a recipe: its [run] description, else its first comment line that is not the command."""
+    recipe = load_recipe(path)
+    if recipe.run.description:
+        return recipe.run.description
+    for line in Path(path).read_text().splitlines():
+        text = line.lstrip("# ").strip()
+        if line.startswith("#") and text and not text.startswith("dfkd "):
+            return text
+    return ""

@@ -1,0 +1,152 @@
+"""The run dir's manifest, typed: one section per stage, one reader and one writer.
+
+`manifest.json` holds the resolved configs, versions, seeds, the sha256 of every artifact and the
+ledger head. Its keys are the ones dfkd has always written (schema `dfkd.manifest/1`), so a run dir
+made by an earlier version reads unchanged; the TypedDicts below name them so that every stage,
+the report and the audit agree on them. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any, TypedDict
+
+from dfkd.errors import DfkdError
+from dfkd.files import atomic_write_json, git_commit, package_versions, utc_now
+
+MANIFEST_SCHEMA = "dfkd.manifest/1"
+MANIFEST_FILE = "manifest.json"
+
+
+class ArtifactEntry(TypedDict):
+    """One hashed file of the run, keyed in `artifacts` by its path relative to the run dir."""
+
+    sha256: str
+    bytes: int
+    stage: str
+    role: str
+
+
+class LedgerHead(TypedDict):
+    """The ledger's last record when a stage ended: a record cut from the ledger's end shows here."""
+
+    seq: int
+    record_sha256: str
+
+
+class TeacherRef(TypedDict, total=False):
+    path: str
+    sha256: str
+    arch: str
+
+
+class SynthesisSection(TypedDict, total=False):
+    """Stage 1: its settings (written when it starts) and its results (written when it finishes)."""
+
+    config: dict[str, Any]
+    method_config: dict[str, Any]
+    config_hash: str
+    teacher: TeacherRef
+    targets: str
+    device: str
+    quality: dict[str, Any]
+    shards: int
+    images: int
+    shared_from: str  # a `dfkd study` sibling that copied this run's set
+
+
+class DistillationSection(TypedDict, total=False):
+    """Stage 2: its settings and identity, the result of each trial, the run's result."""
+
+    config: dict[str, Any]
+    identity: str
+    identity_source: str
+    trials_planned: list[str]
+    teacher: TeacherRef
+    train_images: int
+    holdout_images: int
+    source: str
+    selection: str
+    trials: dict[str, dict[str, Any]]
+    result: dict[str, Any]
+    finished_utc: str
+
+
+class TeacherSection(TypedDict, total=False):
+    """`dfkd teacher train`: its settings, per-epoch log and the checkpoint it wrote."""
+
+    config: dict[str, Any]
+    log: list[dict[str, Any]]
+    checkpoint: str
+    checkpoint_sha256: str
+    input_size: int  # measured on the training data, as the checkpoint records
+    mean: list[float]
+    std: list[float]
+
+
+class Stages(TypedDict, total=False):
+    synthesis: SynthesisSection
+    distillation: DistillationSection
+    teacher: TeacherSection
+
+
+class Manifest(TypedDict, total=False):
+    schema: str
+    created: str
+    updated: str
+    versions: dict[str, str]
+    git_commit: str | None
+    host: dict[str, str]
+    stages: Stages
+    artifacts: dict[str, ArtifactEntry]
+    carbon: dict[str, Any]
+    recipe: dict[str, Any]
+    ledger_head: LedgerHead
+
+
+def new_manifest() -> Manifest:
+    """The skeleton of a run that has written nothing yet."""
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "created": utc_now(),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "host": {"platform": platform.platform(), "python": sys.version.split()[0]},
+        "stages": {},
+        "artifacts": {},
+    }
+
+
+def load_manifest(path: Path) -> Manifest | None:
+    """The manifest at `path`, or None when there is none; an unreadable one is a `DfkdError`."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DfkdError(f"manifest {path} is unreadable ({exc}): restore it or start a new --run") from None
+    if not isinstance(manifest, dict):
+        raise DfkdError(f"manifest {path} is not a JSON object: restore it or start a new --run")
+    manifest.setdefault("stages", {})
+    manifest.setdefault("artifacts", {})
+    return manifest  # type: ignore[return-value]
+
+
+def save_manifest(path: Path, manifest: Manifest) -> None:
+    """Stamp the manifest as updated now and write it atomically."""
+    manifest["updated"] = utc_now()
+    atomic_write_json(path, manifest)
+
+
+def synthesis_of(manifest: Manifest) -> SynthesisSection:
+    """The synthesis section (empty when the run has none)."""
+    return manifest.get("stages", {}).get("synthesis", {})
+
+
+def distillation_of(manifest: Manifest) -> DistillationSection:
+    """The distillation section (empty when the run has none)."""
+    return manifest.get("stages", {}).get("distillation", {})

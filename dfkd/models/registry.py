@@ -1,0 +1,68 @@
+"""The model registry, in timm's manner: a decorator registers a constructor under its function name
+with the model's default input size, mean and std. No torch here (constructors import their
+architecture when called), so configs can check a model name without loading torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dfkd.errors import DfkdError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Stats = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about a model besides how to build it (`build(num_classes)`)."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+    description: str
+    input_size: int
+    mean: Stats
+    std: Stats
+    params_at_10_classes: int | None = None
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    *, description: str, input_size: int, mean: Stats, std: Stats, params_at_10_classes: int | None = None
+) -> Callable[[Callable[[int], Any]], Callable[[int], Any]]:
+    """Decorator: register `build(num_classes) -> nn.Module` under its function name."""
+
+    def register(build: Callable[[int], Any]) -> Callable[[int], Any]:
+        name = build.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(name, build, description, input_size, mean, std, params_at_10_classes)
+        return build
+
+    return register
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry for `name`; an unknown name is a `DfkdError` listing the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise DfkdError(f"unknown model {name!r}: choose one of {', '.join(list_models())}") from None
+
+
+def create_model(name: str, num_classes: int) -> nn.Module:
+    """Build a freshly initialised model by registry name."""
+    if num_classes < 2:
+        raise DfkdError(f"num_classes must be at least 2, got {num_classes}")
+    return model_spec(name).build(num_classes)

@@ -1,0 +1,158 @@
+"""The report as a rich table for people at a terminal, as markdown, or as text in any format.
+
+Both layouts show the cells of `dfkd.report_format`, so they carry the same figures; `render`
+is the one entry point for `dfkd report --format ... [--out FILE]`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Sequence
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from dfkd.errors import DfkdError
+from dfkd.report.format import (
+    ARTIFACT_HEADERS,
+    COMPARISON_HEADERS,
+    OVERVIEW_HEADERS,
+    ENERGY_COLUMNS,
+    STAGE_HEADERS,
+    TOTAL_HEADERS,
+    WORK_COLUMNS,
+    artifact_rows,
+    comparison_cells,
+    overview_cells,
+    stage_cells,
+    totals_rows,
+)
+
+FORMATS = ("table", "json", "markdown", "html")
+def _rich_table(title: str, headers: Sequence[str], rows: list[list[str]], highlight: str = "INTERRUPTED") -> Table:
+    """A table whose cells are plain text (a stage named `distillation[tau=2]` is not rich markup)."""
+    table = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
+    for header in headers:
+        table.add_column(Text(header), overflow="fold")
+    for row in rows:
+        table.add_row(*map(Text, row), style="yellow" if any(highlight in cell for cell in row) else None)
+    return table
+
+
+def _columns(rows: list[list[str]], columns: Sequence[int]) -> list[list[str]]:
+    return [[row[i] for i in columns] for row in rows]
+
+
+def _run_renderables(run: dict[str, Any]) -> list[RenderableType]:
+    ledger = run["ledger"]
+    state = "intact" if ledger["intact"] else f"FAILS ITS CHECK ({len(ledger['problems'])} problems)"
+    cells = [stage_cells(r) for r in run["rows"]]
+    how = [[e["figure"], e["how"], ", ".join(e["stages"])] for e in run["provenance"]]
+    header = Text(f"\nrun {run['name']}  {run['path']}  ledger {ledger['records']} records, ", style="bold")
+    header.append(state, style=None if ledger["intact"] else "red")
+    return [
+        header,
+        _rich_table("stages: the work", [STAGE_HEADERS[i] for i in WORK_COLUMNS], _columns(cells, WORK_COLUMNS)),
+        _rich_table("stages: energy and carbon", [STAGE_HEADERS[i] for i in ENERGY_COLUMNS], _columns(cells, ENERGY_COLUMNS)),
+        _rich_table("totals (kWh without PUE per part; CO2eq from the energy with PUE)", TOTAL_HEADERS, totals_rows(run)),
+        _rich_table("how each figure was obtained", ("figure", "how", "stages"), how, highlight="not measured"),
+        Text("caveats:\n" + "\n".join(f"  - {note}" for note in run["caveats"])),
+    ]
+
+
+def _comparison_renderables(report: dict[str, Any]) -> list[RenderableType]:
+    if not report["comparisons"]:
+        return []
+    table = _rich_table(
+        "grid-tuned vs stochastic τ (" + report["comparisons"][0]["basis"] + ")",
+        COMPARISON_HEADERS, [comparison_cells(c) for c in report["comparisons"]],
+    )
+    notes = [f"  - {c['grid']['run']} vs {c['stochastic']['run']}: {note}" for c in report["comparisons"] for note in c["notes"]]
+    return [table, Text("\n".join(notes))] if notes else [table]
+
+
+def render_table(report: dict[str, Any]) -> RenderableType:
+    """The report for a terminal: per run its stages, totals, provenance and caveats; then the comparisons."""
+    parts: list[RenderableType] = [Text(f"dfkd carbon report ({report['schema']}, {report['generated_utc']})", style="bold")]
+    if len(report["runs"]) > 1:
+        parts.append(_rich_table("runs side by side", OVERVIEW_HEADERS, [overview_cells(run) for run in report["runs"]]))
+    for run in report["runs"]:
+        parts += _run_renderables(run)
+    return Group(*parts, *_comparison_renderables(report))
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(map(_cell, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _run_markdown(run: dict[str, Any]) -> list[str]:
+    ledger, manifest = run["ledger"], run["manifest"]
+    problems = [f"- **ledger problem:** {p}" for p in ledger["problems"]]
+    preview = f"Synthetic preview: `{run['path']}/{run['preview']['path']}`" if run["preview"] else "No synthetic preview."
+    return [
+        f"## Run `{run['name']}`",
+        f"Path `{run['path']}`; ledger `{ledger['file']}` with {ledger['records']} records, "
+        f"{'intact' if ledger['intact'] else '**FAILS ITS CHECK**'}, sha256 `{ledger['sha256']}`, "
+        f"last record `{ledger['head_record_sha256']}`; manifest sha256 `{manifest['sha256']}`; git commit `{manifest['git_commit']}`.",
+        *problems,
+        "### Stages (one row per ledger record)",
+        markdown_table(STAGE_HEADERS, [stage_cells(r) for r in run["rows"]]),
+        "### Totals",
+        "Per-part energy is without PUE; CO2eq is computed from the energy with PUE.",
+        markdown_table(TOTAL_HEADERS, totals_rows(run)),
+        "### How each figure was obtained",
+        "\n".join(f"- **{e['figure']}** ({', '.join(e['stages'])}): {e['how']}" for e in run["provenance"]),
+        "### Caveats",
+        "\n".join(f"- {note}" for note in run["caveats"]) or "None.",
+        preview,
+        "### Resolved config",
+        "```json\n" + json.dumps(run["config"], indent=2) + "\n```",
+        "### Artifacts",
+        markdown_table(ARTIFACT_HEADERS, artifact_rows(run)),
+    ]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The whole report as a markdown document (tables, provenance, caveats, config and hashes)."""
+    parts = [
+        "# dfkd carbon report",
+        f"Schema `{report['schema']}`, generated {report['generated_utc']} by dfkd {report['dfkd_version']}.",
+        "## Runs side by side",
+        markdown_table(OVERVIEW_HEADERS, [overview_cells(run) for run in report["runs"]]),
+    ]
+    if report["comparisons"]:
+        parts += [
+            "## Grid-tuned vs stochastic τ",
+            report["comparisons"][0]["basis"].capitalize() + ".",
+            markdown_table(COMPARISON_HEADERS, [comparison_cells(c) for c in report["comparisons"]]),
+            "\n".join(f"- {c['grid']['run']} vs {c['stochastic']['run']}: {n}" for c in report["comparisons"] for n in c["notes"]),
+        ]
+    for run in report["runs"]:
+        parts += _run_markdown(run)
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def render(report: dict[str, Any], fmt: str, width: int = 160) -> str:
+    """The report as text in `fmt` (one of FORMATS); `table` is rendered without colour at `width` columns."""
+    if fmt == "json":
+        return json.dumps(report, indent=2) + "\n"
+    if fmt == "markdown":
+        return render_markdown(report)
+    if fmt == "html":
+        from dfkd.report.html import render_html
+
+        return render_html(report)
+    if fmt == "table":
+        buffer = io.StringIO()
+        Console(file=buffer, width=width, color_system=None, soft_wrap=False).print(render_table(report))
+        return buffer.getvalue()
+    raise DfkdError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")

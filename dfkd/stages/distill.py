@@ -1,0 +1,451 @@
+"""Stage 2, `dfkd distill`: train a student on the synthetic shards (or real data) with a KD loss.
+
+The temperature is stochastic (a new τ ~ U[2, 20] per batch, Rafat et al. 2023), fixed, or tuned by a
+grid of full trials. Output under `<run>/student/`:
+    <trial>/resume.safetensors   per-epoch resumable state (model, optimiser, schedule, τ sampler, data order)
+    <trial>/metrics.jsonl        one JSON line per epoch (loss, lr, img/s, τ histogram, agreement, accuracy)
+    <trial>/student.safetensors  the trial's final student
+    student.safetensors          the run's student (the winner, for a grid)
+A trial is `tau=stochastic`, `tau=4` ...; each is metered as its own ledger record by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from dfkd.carbon.config import CarbonConfig
+from dfkd.carbon.flops import supervised_step_flops
+from dfkd.checkpoints import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
+from dfkd.config.distill import DistillConfig
+from dfkd.config.overrides import config_dict
+from dfkd.config.tau import TauSpec
+from dfkd.data import ImageSet, load_split, stratified_subset
+from dfkd.device import compiled, prepare_model, resolve_device, seed_everything
+from dfkd.errors import DfkdError
+from dfkd.files import atomic_path, atomic_write_bytes, sha256_file, utc_now
+from dfkd.losses import get_loss
+from dfkd.manifest import distillation_of, synthesis_of
+from dfkd.metrics import top1_agreement
+from dfkd.models import create_model
+from dfkd.optim import load_optimizer_tensors, optimizer_tensors, sgd_with_cosine
+from dfkd.rundir import STUDENT_DIR, RunDir
+from dfkd.stages.evaluate import check_classes, evaluate_on, predict_logits
+from dfkd.stages.runner import StageReport, run_metered
+from dfkd.stages.training import EpochStats, train_epochs
+from dfkd.synthetic_set import SyntheticSet
+from dfkd.tau import TauSampler, make_sampler
+
+TAU_BINS = 18
+
+
+@dataclass
+class DistillData:
+    """Training images (uint8, on device), their labels, the held-out slice and the validation slice."""
+
+    train: ImageSet
+    holdout: ImageSet
+    real_labels: bool
+    validation: ImageSet | None = None
+    teacher_holdout_logits: torch.Tensor | None = None
+
+
+@dataclass
+class PreparedDistill:
+    config: DistillConfig
+    teacher: torch.nn.Module
+    teacher_meta: CheckpointMeta
+    teacher_sha256: str
+    device: torch.device
+    data: DistillData
+    test_set: ImageSet | None = None
+    trials: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def identity(self) -> str:
+        return self.config.identity(self.source)
+
+
+def _split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(round(len(images) * fraction)))
+    return images.subset(order[cut:]), images.subset(order[:cut])
+
+
+def _resolve_teacher(config: DistillConfig, run: RunDir) -> tuple[Path, str]:
+    """The teacher to distil from: `--teacher`, or the synthesis teacher checked against its recorded hash."""
+    recorded = synthesis_of(run.read_manifest()).get("teacher", {})
+    if config.teacher:
+        path = Path(config.teacher)
+    elif recorded.get("path"):
+        path = Path(recorded["path"])
+    else:
+        raise DfkdError(f"run dir {run.root} records no teacher: pass --teacher or synthesize into this run first")
+    if not path.is_file():
+        raise DfkdError(f"teacher {path} does not exist: pass --teacher with the checkpoint the synthetic set was made from")
+    digest = sha256_file(path)
+    if not config.teacher and recorded.get("sha256") not in (None, digest):
+        raise DfkdError(
+            f"teacher {path} changed since the synthesis (sha256 {digest[:12]} vs recorded {recorded['sha256'][:12]}): "
+            "restore it or pass --teacher explicitly"
+        )
+    return path, digest
+
+
+def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
+    """Validate everything and load the data before any training starts."""
+    device = resolve_device(config.device)
+    get_loss(config.loss)
+    spec = config.tau_spec
+    if spec.mode != "stochastic" and config.tau_per == "sample":
+        raise DfkdError(f"--tau-per sample needs --tau stochastic: a {spec.mode} tau is the same for every image")
+    teacher_path, teacher_sha = _resolve_teacher(config, run)
+    teacher, meta = load_checkpoint(teacher_path)
+    if config.data:
+        real = load_split(Path(config.data), "train")
+        check_classes(real, meta.num_classes, teacher_path)
+        source, real_labels = real, True
+    else:
+        shards = SyntheticSet(run).load_complete()
+        if int(shards["targets"].max()) >= meta.num_classes:
+            raise DfkdError(
+                f"the synthetic set has classes up to {int(shards['targets'].max())} but teacher {teacher_path} has "
+                f"{meta.num_classes}: distil from the teacher that made the set"
+            )
+        source = ImageSet(shards["images"], shards["targets"], [str(c) for c in range(meta.num_classes)], f"synthetic shards of {run.root}")
+        real_labels = False
+    validation = None
+    if config.val_data:
+        val_source = real if config.data and Path(config.val_data).resolve() == Path(config.data).resolve() else load_split(Path(config.val_data), "train")
+        check_classes(val_source, meta.num_classes, teacher_path)
+        rest, validation = _split_holdout(val_source, config.val_size / len(val_source), config.seed)
+        if val_source is source:
+            source = rest
+    if config.train_subset:
+        source = source.subset(stratified_subset(source.labels, config.train_subset, config.seed))
+    train, holdout = _split_holdout(source, config.holdout, config.seed)
+    if len(train) < config.batch_size:
+        raise DfkdError(f"only {len(train)} training images for a batch of {config.batch_size}: lower --batch-size or make more images")
+    test_set = None
+    if config.eval_data:
+        test_set = load_split(Path(config.eval_data), "test")
+        check_classes(test_set, meta.num_classes, teacher_path)
+    teacher = prepare_model(teacher, device).eval()
+    teacher.requires_grad_(False)
+    data = DistillData(train.to(device), holdout, real_labels, validation)
+    data.teacher_holdout_logits = predict_logits(teacher, holdout.images, meta.mean, meta.std, device).cpu()
+    trials = [f"tau={v:g}" for v in spec.grid] if spec.mode == "grid" else [f"tau={config.tau}"]
+    # The images and the teacher a student learns from: a new synthetic set or teacher means a new student.
+    origin = f"data {Path(config.data).resolve()}" if config.data else f"synthesis {synthesis_of(run.read_manifest())['config_hash']}"
+    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, f"{origin}; teacher {teacher_sha}")
+
+
+def trial_dir(run: RunDir, trial: str) -> Path:
+    return run.root / STUDENT_DIR / trial
+
+
+def _sampler_for(prepared: PreparedDistill, trial: str) -> TauSampler:
+    config = prepared.config
+    spec = config.tau_spec
+    if spec.mode == "grid":
+        spec = TauSpec("fixed", value=float(trial.removeprefix("tau=")))
+    return make_sampler(spec, tuple(config.tau_range), config.seed, config.tau_per == "sample")
+
+
+def _save_resume(
+    path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    sampler: TauSampler, generator: torch.Generator, epoch: int, log: list[dict[str, Any]], identity: str,
+) -> str:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    tensors.update(optimizer_tensors(optimizer, "optim"))
+    tensors["data.generator"] = generator.get_state()
+    scalars = {
+        "epoch": epoch, "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(), "log": log, "identity": identity,
+    }
+    return atomic_write_bytes(path, save(tensors, metadata={"state": json.dumps(scalars)}))
+
+
+# Resume files written before the optimiser state was shared with CMI kept SGD's momentum as
+# `optim.momentum.<index>` and no schedule functions (`lr_lambdas: null`); they still resume.
+_LEGACY_MOMENTUM = "optim.momentum."
+
+
+def _load_resume(
+    path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    sampler: TauSampler, generator: torch.Generator, identity: str,
+) -> tuple[int, list[dict[str, Any]]]:
+    with safe_open(str(path), framework="pt") as f:
+        scalars = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if scalars["identity"] != identity:
+        raise DfkdError(f"{path} was made with other distillation settings: pass --overwrite or use another --run")
+    load_state_into(student, {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}, str(path))
+    tensors = {
+        f"optim.{k.removeprefix(_LEGACY_MOMENTUM)}.momentum_buffer" if k.startswith(_LEGACY_MOMENTUM) else k: v
+        for k, v in tensors.items()
+    }
+    load_optimizer_tensors(optimizer, tensors, "optim")
+    schedule = scalars["scheduler"]
+    if schedule.get("lr_lambdas") is None:
+        schedule["lr_lambdas"] = [None] * len(optimizer.param_groups)
+    scheduler.load_state_dict(schedule)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    sampler.load_state_dict(scalars["sampler"])
+    generator.set_state(tensors["data.generator"])
+    return scalars["epoch"], scalars["log"]
+
+
+def _tau_summary(drawn: list[float | torch.Tensor], tau_range: tuple[float, ...]) -> dict[str, Any]:
+    """Histogram and moments of the τ values drawn in one epoch (what the report shows)."""
+    values = torch.cat([torch.as_tensor(v, dtype=torch.float32).flatten().cpu() for v in drawn])
+    # A fixed tau may lie outside the stochastic range; widen the bins so it is still counted.
+    low, high = min(tau_range[0], float(values.min())), max(tau_range[1], float(values.max()))
+    return {
+        "count": len(values), "mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
+        "histogram": torch.histc(values, bins=TAU_BINS, min=low, max=high).int().tolist(), "bins": [low, high, TAU_BINS],
+    }
+
+
+def _evaluation_figures(prepared: PreparedDistill, student: torch.nn.Module, with_test: bool) -> dict[str, Any]:
+    """Agreement with the teacher on the held-out slice; validation / test accuracy where that data was given."""
+    meta, device, data = prepared.teacher_meta, prepared.device, prepared.data
+    figures: dict[str, Any] = {
+        "holdout_agreement": top1_agreement(
+            predict_logits(student, data.holdout.images, meta.mean, meta.std, device).cpu(), data.teacher_holdout_logits
+        )
+    }
+    if data.validation is not None:
+        figures["val_acc"] = evaluate_on(student, data.validation, meta.mean, meta.std, device)["accuracy"]
+    if with_test and prepared.test_set is not None:
+        figures["test_metrics"] = evaluate_on(student, prepared.test_set, meta.mean, meta.std, device)
+        figures["test_acc"] = figures["test_metrics"]["accuracy"]
+    return figures
+
+
+def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progress: bool = True) -> StageReport:
+    """Train one student (one τ setting) to the end, resuming from its last completed epoch."""
+    config, device, meta, data = prepared.config, prepared.device, prepared.teacher_meta, prepared.data
+    folder = trial_dir(run, trial)
+    folder.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    student = prepare_model(create_model(config.student, meta.num_classes), device)
+    steps_per_epoch = len(data.train) // config.batch_size
+    optimizer, scheduler = sgd_with_cosine(
+        student, config.scaled_lr, config.epochs * steps_per_epoch, config.weight_decay, nesterov=False
+    )
+    sampler = _sampler_for(prepared, trial)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    resume_path = folder / "resume.safetensors"
+    start_epoch, log = 0, []
+    if resume_path.exists():
+        start_epoch, log = _load_resume(resume_path, student, optimizer, scheduler, sampler, generator, prepared.identity)
+    loss_fn = get_loss(config.loss)
+    teacher = compiled(prepared.teacher, config.compile, device)
+    forward = compiled(student, config.compile, device)
+    drawn: list[float | torch.Tensor] = []
+
+    def batch_loss(x: torch.Tensor, labels: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        tau = sampler.sample(len(x))
+        drawn.append(tau)
+        if isinstance(tau, torch.Tensor):
+            tau = tau.to(device, non_blocking=True)
+        targets = labels if data.real_labels else teacher_logits.argmax(1)
+        return loss_fn(forward(x), teacher_logits, targets, tau, config.alpha)
+
+    def after_epoch(stats: EpochStats) -> None:
+        entry: dict[str, Any] = {
+            "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr, "images_per_s": stats.images_per_s,
+            "seconds": stats.seconds, "tau": _tau_summary(drawn, config.tau_range), "utc": utc_now(),
+        }
+        drawn.clear()
+        if config.eval_every and stats.epoch % config.eval_every == 0 and stats.epoch < config.epochs:
+            entry.update({k: v for k, v in _evaluation_figures(prepared, student, with_test=True).items() if k != "test_metrics"})
+        log.append(entry)
+        digest = _save_resume(resume_path, student, optimizer, scheduler, sampler, generator, stats.epoch, log, prepared.identity)
+        metrics_digest = atomic_write_bytes(folder / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode())
+        run.update_manifest(
+            artifacts={
+                **run.artifact_entry(resume_path, "distillation", "resume-state", digest),
+                **run.artifact_entry(folder / "metrics.jsonl", "distillation", "metrics", metrics_digest),
+            }
+        )
+
+    def last_tau() -> str:
+        if not drawn:
+            return ""
+        last = drawn[-1]
+        return f"tau {last:.2f}" if isinstance(last, float) else f"tau mean {float(last.mean()):.2f}"
+
+    train_epochs(
+        student, optimizer, scheduler, data.train.images, data.train.labels, batch_loss,
+        epochs=config.epochs, start_epoch=start_epoch, batch_size=config.batch_size,
+        mean=meta.mean, std=meta.std, generator=generator, after_epoch=after_epoch,
+        description=f"distil {config.student} {trial}", show_progress=show_progress, batch_info=last_tau,
+    )
+    figures = _evaluation_figures(prepared, student, with_test=True)
+    student_meta = CheckpointMeta(
+        arch=config.student, num_classes=meta.num_classes, mean=meta.mean, std=meta.std,
+        dataset=meta.dataset, input_size=meta.input_size, test_acc=figures.get("test_acc"),
+        extra={
+            "tau_mode": config.tau_spec.mode, "tau": trial.removeprefix("tau="), "tau_per": config.tau_per,
+            "loss": config.loss, "alpha": str(config.alpha), "epochs": str(config.epochs),
+            "teacher_sha256": prepared.teacher_sha256, "holdout_agreement": f"{figures['holdout_agreement']:.2f}",
+            "source": "real data" if data.real_labels else "synthetic",
+        },
+    )
+    student_path = folder / "student.safetensors"
+    digest = save_checkpoint(student_path, student, student_meta)
+    run.record_artifact(student_path, "distillation", role="student", sha256=digest)
+    images_seen = (config.epochs - start_epoch) * steps_per_epoch * config.batch_size
+    return StageReport(
+        result={"trial": trial, **figures, "student": run.relative(student_path)},
+        work={"epochs": config.epochs, "resumed_from_epoch": start_epoch, "images": images_seen,
+              "images_per_s": log[-1]["images_per_s"] if log else None},
+        flops_probe=lambda: supervised_step_flops(student, meta.input_size, meta.num_classes, teacher=prepared.teacher),
+        flops_units=images_seen,
+        flops_unit_name="training image",
+    )
+
+
+def trial_done(run: RunDir, trial: str) -> dict[str, Any] | None:
+    """The recorded result of a finished trial whose student file still matches the manifest, else None."""
+    if not run.artifact_intact(trial_dir(run, trial) / "student.safetensors"):
+        return None
+    return distillation_of(run.read_manifest()).get("trials", {}).get(trial)
+
+
+def selection_criterion(prepared: PreparedDistill) -> str:
+    """What picks the grid winner: validation accuracy with --val-data, else held-out teacher agreement."""
+    return "val_acc" if prepared.data.validation is not None else "holdout_agreement"
+
+
+def select_winner(prepared: PreparedDistill, run: RunDir, results: dict[str, dict[str, Any]]) -> StageReport:
+    """Pick the best trial by the data-free (or validation) criterion and make it the run's student.
+
+    Never selects on the test split: the test accuracy is reported, not used.
+    """
+    criterion = selection_criterion(prepared)
+    scores = {trial: result[criterion] for trial, result in results.items()}
+    winner = max(scores, key=lambda t: (scores[t], -prepared.trials.index(t)))
+    publish_student(run, winner)
+    return StageReport(
+        result={"criterion": criterion, "scores": scores, "winner": winner, **results[winner]},
+        work={"trials": len(results)},
+    )
+
+
+def publish_student(run: RunDir, trial: str) -> Path:
+    """Make a trial's student the run's student (`student/student.safetensors`), atomically."""
+    final = run.root / STUDENT_DIR / "student.safetensors"
+    with atomic_path(final) as tmp:
+        shutil.copyfile(trial_dir(run, trial) / "student.safetensors", tmp)
+    run.record_artifact(final, "distillation", role="student")
+    return final
+
+
+def record_config(prepared: PreparedDistill, run: RunDir) -> None:
+    """Record the resolved config; a run that holds a different distillation must be overwritten first."""
+    existing = distillation_of(run.read_manifest())
+    identity = prepared.identity
+    if existing and existing.get("identity") != identity:
+        raise DfkdError(
+            f"run dir {run.root} already holds a distillation with other settings: pass --overwrite to replace it "
+            "or use another --run"
+        )
+    run.update_manifest(
+        stages={
+            "distillation": {
+                "config": config_dict(prepared.config), "identity": identity, "identity_source": prepared.source,
+                "trials_planned": prepared.trials,
+                "teacher": {"sha256": prepared.teacher_sha256, "arch": prepared.teacher_meta.arch},
+                "train_images": len(prepared.data.train), "holdout_images": len(prepared.data.holdout),
+                "source": prepared.data.train.source, "selection": selection_criterion(prepared),
+            }
+        }
+    )
+
+
+def record_trial(run: RunDir, trial: str, result: dict[str, Any]) -> None:
+    manifest = run.read_manifest()
+    trials = manifest["stages"].setdefault("distillation", {}).setdefault("trials", {})
+    trials[trial] = {k: v for k, v in result.items() if k != "test_metrics"}
+    run.write_manifest(manifest)
+
+
+def finished_result(run: RunDir) -> dict[str, Any] | None:
+    """The recorded result when this run's distillation already finished and its student is intact.
+
+    Rerunning a finished command then does no work and meters nothing (no duplicate ledger records).
+    """
+    stage = distillation_of(run.read_manifest())
+    if "result" in stage and run.artifact_intact(run.root / STUDENT_DIR / "student.safetensors"):
+        return stage["result"]
+    return None
+
+
+def run_distillation(
+    prepared: PreparedDistill,
+    run: RunDir,
+    metered: Callable[[str, dict[str, Any], Callable[[], StageReport]], StageReport],
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run every trial (each through `metered`, one ledger record each), then the grid selection.
+
+    `metered(stage_name, info, work)` is the caller's wrapper around `dfkd.stages.runner.run_metered`.
+    """
+    config = prepared.config
+    record_config(prepared, run)
+    finished = finished_result(run)
+    if finished is not None:
+        return finished
+    results: dict[str, dict[str, Any]] = {}
+    grid = config.tau_spec.mode == "grid"
+    for trial in prepared.trials:
+        done = trial_done(run, trial)
+        if done is not None:
+            results[trial] = done
+            continue
+        stage = f"distillation[{trial}]" if grid else "distillation"
+        info = {"student": config.student, "loss": config.loss, "tau_mode": config.tau_spec.mode, "trial": trial, "tau_per": config.tau_per}
+        report = metered(stage, info, lambda t=trial: distill_trial(prepared, run, t, show_progress))
+        results[trial] = report.result
+        record_trial(run, trial, report.result)
+    if grid:
+        selection = metered("selection", {"criterion": selection_criterion(prepared)}, lambda: select_winner(prepared, run, results))
+        summary = selection.result
+    else:
+        publish_student(run, prepared.trials[0])
+        summary = results[prepared.trials[0]]
+    run.update_manifest(stages={"distillation": {"result": {k: v for k, v in summary.items() if k != "test_metrics"}, "finished_utc": utc_now()}})
+    return summary
+
+
+def distill_run(
+    config: DistillConfig, run: RunDir, carbon: CarbonConfig, overwrite: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
+    """Stage 2 as `dfkd distill` and `dfkd run` do it: every trial metered, resumed where it stopped.
+
+    The caller holds the run's lock.
+    """
+    prepared = prepare_distill(config, run)
+    if overwrite:  # only once the new settings are known to work, so bad input loses nothing
+        run.discard("distillation")
+    run.update_manifest(carbon=config_dict(carbon))
+    return run_distillation(
+        prepared, run,
+        lambda stage, info, work: run_metered(run, stage, carbon, prepared.device, info, work),
+        show_progress=show_progress,
+    )

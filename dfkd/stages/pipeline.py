@@ -1,0 +1,109 @@
+"""`dfkd run` and `dfkd study tau`: a recipe's stages in one run dir, through the stages' own library calls.
+
+Synthesis and distillation run exactly as `dfkd synthesize` and `dfkd distill` run them
+(`run_synthesis`, `distill_run`), each metered into the run's ledger; the evaluation on real test
+data (`[evaluate] data`) is part of the distillation stage and of its record. Rerunning on the
+same run dir resumes: a finished stage does no work and meters nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dfkd.config.recipe import Recipe
+from dfkd.data import check_data_path
+from dfkd.errors import DfkdError
+from dfkd.files import atomic_path, atomic_write_json
+from dfkd.manifest import synthesis_of
+from dfkd.report.build import build_report
+from dfkd.rundir import SYNTHETIC_DIR, RunDir
+from dfkd.stages.distill import distill_run
+from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
+from dfkd.synthetic_set import SyntheticSet
+
+RECIPE_FILE = "recipe.json"
+STUDY_FILE = "tau-study.json"
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Every data path the recipe names exists and is readable, before any run dir is made."""
+    for path in (recipe.evaluate.data, recipe.distill.data, recipe.distill.val_data):
+        if path:
+            check_data_path(path)
+
+
+def record_recipe(run: RunDir, recipe: Recipe) -> None:
+    """Save the resolved recipe; a run dir made from another recipe (or other --set values) is refused."""
+    resolved = recipe.resolved()
+    existing = run.read_manifest().get("recipe")
+    if existing is not None and existing != resolved:
+        changed = sorted(
+            f"{section}.{key}" for section in resolved if isinstance(resolved[section], dict)
+            for key in resolved[section] if resolved[section][key] != (existing.get(section) or {}).get(key)
+        ) or ["name"]
+        raise DfkdError(
+            f"run dir {run.root} was made from another recipe or other settings ({', '.join(changed)} differ): "
+            "use another --run or the same settings"
+        )
+    path = run.root / RECIPE_FILE
+    digest = atomic_write_json(path, resolved)
+    run.update_manifest(recipe=resolved, artifacts=run.artifact_entry(path, "run", "recipe", digest))
+
+
+def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[str, Any]:
+    """Synthesize, distil (and evaluate) in `root`, resuming where an earlier attempt stopped."""
+    check_inputs(recipe)
+    prepared = prepare_synthesis(recipe.synthesis)
+    run = RunDir.open(root)
+    with run.locked():
+        record_recipe(run, recipe)
+        synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
+        distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)
+    return {"run": str(run.root), "synthesis": synthesis, "synthesis_work": work, "distillation": distillation}
+
+
+def share_synthetic(source: RunDir, target: RunDir) -> None:
+    """Copy `source`'s synthetic set into `target` with its manifest entries, so both distil from the same images.
+
+    The copied synthesis section keeps what identifies the set (config hash, teacher) but not its
+    results: those belong to the ledger record in `source`, which made the images. Files are copied
+    before their entries are written, so a kill in between leaves uncounted files, never counted bad ones.
+    """
+    manifest = source.read_manifest()
+    section = synthesis_of(manifest)
+    existing = synthesis_of(target.read_manifest())
+    if existing:
+        if existing.get("config_hash") != section.get("config_hash"):
+            raise DfkdError(f"run dir {target.root} holds another synthetic set: use another study dir")
+        if len(SyntheticSet(target).valid_shards()) == section.get("shards"):
+            return
+    entries = {key: entry for key, entry in manifest["artifacts"].items() if key.startswith(f"{SYNTHETIC_DIR}/")}
+    for key in entries:
+        with atomic_path(target.root / key) as tmp:
+            shutil.copyfile(source.root / key, tmp)
+    shared = {key: value for key, value in section.items() if key not in ("quality", "shards", "images")}
+    target.update_manifest(stages={"synthesis": {**shared, "shared_from": str(source.root)}}, artifacts=entries)
+
+
+def study_tau(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[str, Any]:
+    """One synthetic set, two students: stochastic τ in `root/stochastic`, grid-tuned τ in `root/grid`.
+
+    Returns the report of both runs; its `comparisons` hold the paper's Table-6 figures (energy and
+    CO2 of each, their ratio, the accuracy of each and the difference), also saved in `root/tau-study.json`.
+    """
+    grid_tau = recipe.distill.tau if recipe.distill.tau.startswith("grid") else "grid"
+    stochastic = dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, tau="stochastic"))
+    grid = dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, tau=grid_tau))
+    root = Path(root)
+    run_recipe(stochastic, root / "stochastic", show_progress)
+    grid_run = RunDir.open(root / "grid")
+    with grid_run.locked():
+        record_recipe(grid_run, grid)
+        share_synthetic(RunDir(root / "stochastic"), grid_run)
+        distill_run(grid.distill, grid_run, grid.carbon, show_progress=show_progress)
+    report = build_report([root / "stochastic", root / "grid"])
+    atomic_write_json(root / STUDY_FILE, {"recipe": recipe.name, "comparisons": report["comparisons"]})
+    return report

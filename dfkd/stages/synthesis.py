@@ -1,0 +1,326 @@
+"""Stage 1, `dfkd synthesize`: invert the teacher into the run's synthetic set (`dfkd.synthetic_set`).
+
+One shard is one synthesis batch. Resume continues after the last shard whose sha256 matches the
+manifest; a half-written shard never has a manifest entry, so it is never counted. Batch `b` is
+seeded with (seed, b), so a resumed run makes the same images as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import save_image
+
+from dfkd.carbon.config import CarbonConfig
+from dfkd.carbon.flops import count_flops
+from dfkd.checkpoints import CheckpointMeta, load_checkpoint
+from dfkd.config.overrides import apply_overrides, config_dict
+from dfkd.config.synthesis import SynthesisConfig
+from dfkd.device import resolve_device
+from dfkd.errors import DfkdError
+from dfkd.files import atomic_path, sha256_file
+from dfkd.manifest import synthesis_of
+from dfkd.progress import make_progress
+from dfkd.rundir import RunDir
+from dfkd.stages.evaluate import predict_logits
+from dfkd.stages.runner import StageReport, run_metered
+from dfkd.synthetic_set import SyntheticSet
+from synthesizers import get_synthesizer, list_synthesizers, method_config_class
+from synthesizers.base import Synthesizer
+from synthesizers.bn_stats import batchnorm_layers
+
+TARGETS_NOTE = "balanced: batch b holds classes (b*B + i) mod C, so every class gets N/C images (±1)"
+
+
+@dataclass
+class PreparedSynthesis:
+    """Everything validated before any work starts."""
+
+    config: SynthesisConfig
+    method_config: Any
+    teacher: torch.nn.Module
+    teacher_meta: CheckpointMeta
+    teacher_sha256: str
+    device: torch.device
+
+    @property
+    def config_hash(self) -> str:
+        """What makes two runs' shards interchangeable: the method, its settings, the teacher, the seed.
+
+        `compile` and `log_every` change how fast and how often, not which images, so they may differ.
+        """
+        settings = {k: v for k, v in config_dict(self.method_config).items() if k not in ("compile", "log_every")}
+        identity = {
+            "method": self.config.method,
+            "method_config": settings,
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+            "teacher_sha256": self.teacher_sha256,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.config.num_images / self.config.batch_size)
+
+    def batch_count(self, index: int) -> int:
+        """Images in batch `index`: the batch size, fewer in the last batch."""
+        return min(self.config.batch_size, self.config.num_images - index * self.config.batch_size)
+
+
+def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) -> PreparedSynthesis:
+    """Validate the method, its settings and the teacher before any file is written."""
+    try:
+        config_class = method_config_class(config.method)
+    except ValueError:
+        raise DfkdError(f"unknown method {config.method!r}: choose one of {', '.join(list_synthesizers())}") from None
+    settings: dict[str, Any] = dict(config.method_settings)
+    if iterations is not None:
+        settings["iterations"] = iterations
+    method_config = apply_overrides(config_class(), settings, f"{config.method} setting")
+    teacher_path = Path(config.teacher)
+    teacher, meta = load_checkpoint(teacher_path)
+    if not batchnorm_layers(teacher):
+        raise DfkdError(
+            f"teacher {teacher_path} ({meta.arch}) has no BatchNorm layers with running statistics: model inversion "
+            "matches BN statistics, so use a teacher with BatchNorm"
+        )
+    return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), resolve_device(config.device))
+
+
+def batch_targets(batch_index: int, batch_size: int, count: int, num_classes: int) -> torch.Tensor:
+    """Balanced targets: round-robin over the classes, continuing across batches."""
+    return (torch.arange(count) + batch_index * batch_size) % num_classes
+
+
+def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -> int:
+    """Make the run dir ready; returns how many complete shards are already there to resume after.
+
+    A shard counts only while it also holds the images this run's batch of that index would (an
+    earlier, smaller --num-images leaves a short last shard), so the final count is exact. Nothing is
+    deleted before the run is known to be resumable.
+    """
+    if overwrite:
+        run.discard("synthesis", "distillation")
+    existing = synthesis_of(run.read_manifest())
+    if existing and existing.get("config_hash") != prepared.config_hash:
+        raise DfkdError(
+            f"run dir {run.root} holds synthetic data made with other settings (method, settings, batch size, seed "
+            "or teacher): pass --overwrite to start over or use another --run"
+        )
+    synthetic = SyntheticSet(run)
+    shards = synthetic.valid_shards()[: prepared.num_batches]
+    done = next(
+        (i for i, path in enumerate(shards) if synthetic.shard_count(path) != prepared.batch_count(i)), len(shards)
+    )
+    if done and synthetic.read_state(done - 1) is None and _build_synthesizer(prepared).state_dict()["tensors"]:
+        raise DfkdError(
+            f"{prepared.config.method} cannot continue after shard {done - 1} of {run.root}: only its state after the "
+            f"last shard is kept, and shard {done} is damaged or holds another number of images; restore that shard "
+            "or pass --overwrite to start over"
+        )
+    synthetic.prune(keep=done)
+    return done
+
+
+def finished_result(run: RunDir, prepared: PreparedSynthesis, done: int) -> dict[str, Any] | None:
+    """The recorded result when every shard is made and the quality figures are recorded, else None.
+
+    Rerunning a finished synthesis then does no work and meters nothing (no empty ledger records).
+    """
+    stage = synthesis_of(run.read_manifest())
+    preview = SyntheticSet(run).preview_path
+    if done < prepared.num_batches or "quality" not in stage or stage.get("images") != prepared.config.num_images:
+        return None
+    if not preview.exists():
+        return None
+    return {"quality": stage["quality"], "preview": run.relative(preview), "shards": stage["shards"]}
+
+
+def _load_state(synthetic: SyntheticSet, synthesizer: Synthesizer, index: int) -> None:
+    """Restore the state saved with shard `index`, checked against its manifest hash.
+
+    A method that keeps nothing across batches (DeepInversion) needs no state, so it can re-make any
+    shard, also one before the last.
+    """
+    state = synthetic.read_state(index)
+    if state is None:
+        if synthesizer.state_dict()["tensors"]:
+            raise DfkdError(
+                f"{synthetic.state_path(index)} is missing or does not match the manifest: "
+                "pass --overwrite to start the synthesis over"
+            )
+        return
+    synthesizer.load_state_dict(state)
+
+
+def quality_figures(
+    images: torch.Tensor, targets: torch.Tensor, teacher: torch.nn.Module, meta: Any, device: torch.device, sample: int
+) -> dict[str, Any]:
+    """How good the synthetic set is, by the teacher's own judgement.
+
+    target_agreement: % of images the teacher classifies as their target; mean_confidence: mean max
+    softmax; class_histogram: counts of teacher predictions; diversity: mean pairwise cosine similarity
+    of the teacher's penultimate features over a random sample (lower = more diverse).
+    """
+    logits = predict_logits(teacher, images, meta.mean, meta.std, device).cpu()
+    predictions = logits.argmax(1)
+    picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:sample]
+    features = predict_logits(teacher, images[picked], meta.mean, meta.std, device, features=True).cpu()
+    unit = torch.nn.functional.normalize(features, dim=1)
+    similarity = unit @ unit.T
+    n = len(unit)
+    off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)) if n > 1 else torch.tensor(float("nan"))
+    return {
+        "images": len(images),
+        "target_agreement": float((predictions == targets).float().mean() * 100),
+        "mean_confidence": float(logits.softmax(1).max(1).values.mean()),
+        "class_histogram": torch.bincount(predictions, minlength=meta.num_classes).tolist(),
+        "target_histogram": torch.bincount(targets, minlength=meta.num_classes).tolist(),
+        "diversity_mean_cosine": float(off_diagonal),
+        "diversity_sample": n,
+    }
+
+
+def write_preview(run: RunDir, images: torch.Tensor, targets: torch.Tensor, num_classes: int, per_class: int = 10) -> Path:
+    """A class-sorted grid: one row per class, the first `per_class` images of that class."""
+    rows = []
+    for c in range(num_classes):
+        chosen = images[targets == c][:per_class]
+        if len(chosen) < per_class:
+            chosen = torch.cat([chosen, torch.zeros(per_class - len(chosen), *images.shape[1:], dtype=images.dtype)])
+        rows.append(chosen)
+    grid = torch.cat(rows).float() / 255
+    path = SyntheticSet(run).preview_path
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, nrow=per_class, padding=1, format="png")
+    run.record_artifact(path, "synthesis", role="preview")
+    return path
+
+
+def synthesize_stage(
+    prepared: PreparedSynthesis, run: RunDir, start_shard: int, show_progress: bool = True
+) -> StageReport:
+    """Make the remaining shards, then the preview and the quality figures; record all in the manifest."""
+    config, device = prepared.config, prepared.device
+    meta = prepared.teacher_meta
+    synthesizer = _build_synthesizer(prepared)
+    synthetic = SyntheticSet(run)
+    if start_shard:
+        _load_state(synthetic, synthesizer, start_shard - 1)
+    run.update_manifest(
+        stages={
+            "synthesis": {
+                "config": config_dict(config),
+                "method_config": config_dict(prepared.method_config),
+                "config_hash": prepared.config_hash,
+                "teacher": {"path": config.teacher, "sha256": prepared.teacher_sha256, "arch": meta.arch},
+                "targets": TARGETS_NOTE,
+                "device": str(device),
+            }
+        }
+    )
+    iterations = prepared.method_config.iterations
+    made = 0
+    started = time.perf_counter()
+    with make_progress(show_progress) as progress:
+        done_images = min(start_shard * config.batch_size, config.num_images)
+        task = progress.add_task(f"synthesize {config.method}", total=config.num_images, completed=done_images, info="")
+
+        def report_step(step: int, loss: torch.Tensor) -> None:
+            seconds = max(time.perf_counter() - started, 1e-9)
+            rate = (made * iterations + step * count) / seconds
+            progress.update(
+                task,
+                info=f"step {step}/{iterations} loss {loss.item():.3f}  {made / seconds:,.1f} images/s  {rate:,.0f} img-steps/s",
+            )
+
+        for index in range(start_shard, prepared.num_batches):
+            count = prepared.batch_count(index)
+            torch.manual_seed(config.seed * 1_000_003 + index)
+            targets = batch_targets(index, config.batch_size, count, meta.num_classes)
+            batch = synthesizer.synthesize(targets, progress=report_step if show_progress else None)
+            tensors = {
+                "images": (batch.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous(),
+                "targets": targets.to(torch.int64).contiguous(),
+                "logits": batch.logits.detach().float().cpu().contiguous(),
+                "losses": batch.losses.detach().float().cpu().contiguous(),
+            }
+            if not torch.isfinite(tensors["losses"]).all():
+                raise DfkdError(
+                    f"synthesis batch {index} produced a non-finite loss: the {index} shards before it are kept; "
+                    "lower the method's lr with --set lr=..."
+                )
+            shard_meta = {
+                "method": config.method, "config_hash": prepared.config_hash,
+                "teacher_sha256": prepared.teacher_sha256, "index": str(index), "count": str(count),
+            }
+            synthetic.write_shard(index, tensors, shard_meta, synthesizer.state_dict())
+            made += count
+            progress.update(task, advance=count)
+    data = synthetic.load()
+    preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
+    quality = quality_figures(data["images"], data["targets"], prepared.teacher.to(device), meta, device, config.quality_sample)
+    shards = synthetic.valid_shards()
+    run.update_manifest(stages={"synthesis": {"quality": quality, "shards": len(shards), "images": len(data["images"])}})
+    image_steps = made * iterations
+    return StageReport(
+        result={"quality": quality, "preview": run.relative(preview), "shards": len(shards)},
+        work={"images_made": made, "images_total": len(data["images"]), "iterations": iterations, "image_steps": image_steps,
+              "seconds_in_loop": time.perf_counter() - started},
+        flops_probe=lambda: synthesis_step_flops(prepared),
+        flops_units=image_steps,
+        flops_unit_name="image-step",
+    )
+
+
+def _build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
+    """The method's synthesizer; what it draws when built (CMI's head) comes from the run's seed, not
+    from whatever the process drew before, so two runs with one seed make the same images."""
+    meta = prepared.teacher_meta
+    torch.manual_seed(prepared.config.seed)
+    return get_synthesizer(prepared.config.method)(
+        prepared.teacher, prepared.method_config, prepared.device, meta.mean, meta.std, meta.num_classes, meta.input_size
+    )
+
+
+def synthesis_step_flops(prepared: PreparedSynthesis) -> float:
+    """FLOPs of one image-step of the method: the difference between 2- and 1-iteration runs on 2 images, on CPU."""
+    method_class = get_synthesizer(prepared.config.method)
+    meta = prepared.teacher_meta
+    targets = torch.arange(2) % meta.num_classes
+
+    def run(iterations: int) -> float:
+        config = apply_overrides(prepared.method_config, {"iterations": iterations, "compile": False, "amp": False})
+        synthesizer = method_class(prepared.teacher, config, torch.device("cpu"), meta.mean, meta.std, meta.num_classes, meta.input_size)
+        return count_flops(lambda: synthesizer.synthesize(targets))
+
+    return (run(2) - run(1)) / 2
+
+
+def run_synthesis(
+    prepared: PreparedSynthesis, run: RunDir, carbon: CarbonConfig, overwrite: bool = False, show_progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage 1 as `dfkd synthesize` and `dfkd run` do it: resume or start, metered; returns (result, work).
+
+    A finished synthesis returns its recorded result and meters nothing. The caller holds the run's lock.
+    """
+    start = prepare_run_dir(run, prepared, overwrite)
+    result = finished_result(run, prepared, start)
+    if result is not None:
+        return result, {"images_made": 0, "already_finished": True}
+    config = prepared.config
+    run.update_manifest(carbon=config_dict(carbon))
+    info = {"method": config.method, "num_images": config.num_images, "batch_size": config.batch_size, "resumed_after_shard": start}
+    report = run_metered(
+        run, "synthesis", carbon, prepared.device, info,
+        lambda: synthesize_stage(prepared, run, start, show_progress=show_progress),
+    )
+    return report.result, report.work

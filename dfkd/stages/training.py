@@ -1,0 +1,106 @@
+"""The one supervised training loop that teacher training and distillation share.
+
+Images live on the device as uint8 and are augmented there (random crop pad 4 + flip); the step
+loop never synchronises with the host: losses accumulate on the device and are read once per epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd.data import iterate_batches, normalize, random_crop_flip
+from dfkd.errors import DfkdError
+from dfkd.progress import make_progress
+from dfkd.device import autocast
+
+# (normalised augmented batch, labels of the batch, indices into the training set) -> scalar loss
+BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    images: int
+    seconds: float
+    lr: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class NonFiniteLoss(DfkdError):
+    """The loss became NaN or inf: training stops, keeping the last good epoch's state."""
+
+
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_loss: BatchLoss,
+    *,
+    epochs: int,
+    start_epoch: int,
+    batch_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    generator: torch.Generator | None,
+    after_epoch: Callable[[EpochStats], None],
+    description: str,
+    show_progress: bool = True,
+    batch_info: Callable[[], str] = lambda: "",
+) -> None:
+    """Train `model` for epochs `start_epoch+1 .. epochs`, calling `after_epoch` after each.
+
+    `images` (uint8) and `labels` must already be on the training device. `batch_info` adds text
+    to the progress bar (e.g. the last tau) without touching device tensors.
+    """
+    device = images.device
+    channels_last = device.type == "cuda"
+    steps_per_epoch = len(images) // batch_size
+    if steps_per_epoch == 0:
+        raise DfkdError(f"{len(images)} training images is fewer than one batch of {batch_size}: lower --batch-size")
+    with make_progress(show_progress) as progress:
+        task = progress.add_task(description, total=epochs, completed=start_epoch, info="")
+        for epoch in range(start_epoch + 1, epochs + 1):
+            model.train()
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for indices in iterate_batches(len(images), batch_size, device, generator=generator):
+                batch = normalize(random_crop_flip(images[indices], generator=generator), mean, std, channels_last)
+                with autocast(device):
+                    loss = batch_loss(batch, labels[indices], indices)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach().float()
+            mean_loss = (loss_sum / steps_per_epoch).item()
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                raise NonFiniteLoss(
+                    f"the training loss became {mean_loss} in epoch {epoch}: the last good epoch is kept; "
+                    "lower --lr or check the inputs"
+                )
+            stats = EpochStats(
+                epoch=epoch,
+                loss=mean_loss,
+                images=steps_per_epoch * batch_size,
+                seconds=time.perf_counter() - started,
+                lr=optimizer.param_groups[0]["lr"],
+            )
+            after_epoch(stats)
+            progress.update(
+                task,
+                completed=epoch,
+                info=f"loss {mean_loss:.4f}  {stats.images_per_s:,.0f} img/s {batch_info()}",
+            )

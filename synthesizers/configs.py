@@ -1,0 +1,115 @@
+"""Each method's settings, with the published CIFAR defaults and their range checks. No torch here,
+so a recipe's method settings are validated without loading the methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class MethodConfig(Protocol):
+    """The fields every method's config has besides its own hyper-parameters."""
+
+    iterations: int
+    amp: bool
+    compile: bool
+    log_every: int
+
+
+def check_ranges(
+    config: Any,
+    at_least_one: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    unit_interval: tuple[str, ...] = (),
+) -> None:
+    """The range checks every method's config shares; a value out of range is a ValueError naming it.
+
+    Both methods weigh a BN-statistics and a cross-entropy term: with both at 0 nothing ties the
+    images to the teacher, so that is refused here too.
+    """
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in non_negative:
+        if not getattr(config, name) >= 0.0:
+            raise ValueError(f"{name} must be non-negative, got {getattr(config, name)}")
+    for name in unit_interval:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {getattr(config, name)}")
+    if config.bn_weight == config.ce_weight == 0.0:
+        raise ValueError("bn_weight and ce_weight cannot both be 0: nothing would tie the images to the teacher")
+
+
+@dataclass(frozen=True)
+class CMIConfig:
+    """CMI's hyper-parameters; the defaults are the published CIFAR-10 ones.
+
+    `head_lr` is the projection head's learning rate, separate from the generator's `lr` so that
+    raising the generator's for short runs leaves the persistent head's training as published.
+    """
+
+    iterations: int = 200
+    lr: float = 1e-3
+    head_lr: float = 1e-3
+    beta1: float = 0.5
+    beta2: float = 0.999
+    nz: int = 256
+    ngf: int = 64
+    bn_weight: float = 1.0
+    ce_weight: float = 1.0
+    contrastive_weight: float = 0.8
+    temperature: float = 0.1
+    bank_size: int = 40960
+    num_negatives: int = 4096
+    head_dim: int = 256
+    amp: bool = True
+    compile: bool = False
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            at_least_one=("iterations", "nz", "ngf", "head_dim", "bank_size", "log_every"),
+            positive=("lr", "head_lr", "temperature"),
+            non_negative=("bn_weight", "ce_weight", "contrastive_weight"),
+            unit_interval=("beta1", "beta2"),
+        )
+        if not 0 <= self.num_negatives <= self.bank_size:
+            raise ValueError(f"num_negatives must lie in [0, bank_size={self.bank_size}], got {self.num_negatives}")
+
+
+@dataclass(frozen=True)
+class DeepInversionConfig:
+    """DeepInversion's hyper-parameters; the defaults are the published CIFAR-10 ones (2,000 steps).
+
+    `lr` acts on normalised pixels, as published.
+    """
+
+    iterations: int = 2000
+    lr: float = 0.1
+    beta1: float = 0.5
+    beta2: float = 0.99
+    bn_weight: float = 10.0
+    ce_weight: float = 1.0
+    tv_weight: float = 1e-3
+    l2_weight: float = 0.0
+    jitter: float = 0.125
+    flip: bool = True
+    amp: bool = True
+    compile: bool = False
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            at_least_one=("iterations", "log_every"),
+            positive=("lr",),
+            non_negative=("bn_weight", "ce_weight", "tv_weight", "l2_weight"),
+            unit_interval=("beta1", "beta2"),
+        )
+        if not 0.0 <= self.jitter < 0.5:
+            raise ValueError(f"jitter must lie in [0, 0.5) (a fraction of the image size), got {self.jitter}")

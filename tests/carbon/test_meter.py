@@ -1,0 +1,259 @@
+"""The stage meter and its ledger, with real codecarbon measuring this machine's CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dfkd.carbon.config import CarbonConfig
+from dfkd.errors import DfkdError
+from dfkd.carbon.flops import count_flops
+from dfkd.carbon.ledger import GENESIS_SHA256, append_record, read_ledger, verify_ledger
+from dfkd.carbon.meter import meter, pending_path, recover_pending
+from dfkd.files import sha256_bytes
+
+FAST = CarbonConfig(flush_seconds=0.2)
+CPU_LABELS = ("RAPL counter (measured", "TDP x load estimate", "constant estimate")
+
+
+def busy(seconds: float) -> int:
+    """Matmuls for `seconds`; returns how many ran."""
+    a = torch.randn(256, 256)
+    deadline, steps = time.perf_counter() + seconds, 0
+    while time.perf_counter() < deadline:
+        a @ a
+        steps += 1
+    return steps
+
+
+def test_cpu_stage_gives_one_complete_measured_record(tmp_path: Path) -> None:
+    ledger = tmp_path / "carbon.jsonl"
+    with meter("synthesize", ledger, FAST, "cpu", info={"method": "nayer", "tau": "fixed"}) as outcome:
+        assert pending_path(ledger, "synthesize").exists()
+        steps = busy(1.0)
+        outcome.flops, outcome.flops_method = 2.0 * 256**3 * steps, f"analytic, {steps} matmuls"
+        outcome.result, outcome.work = {"acc": 0.5}, {"image_steps": steps}
+
+    (record,) = read_ledger(ledger)
+    assert (record["schema"], record["seq"], record["prev_sha256"]) == ("dfkd.ledger/1", 0, GENESIS_SHA256)
+    assert (record["stage"], record["status"], record["error"]) == ("synthesize", "complete", None)
+    assert record["info"] == {"method": "nayer", "tau": "fixed"}
+    assert 1.0 <= record["duration_s"] < 5
+    energy = record["energy_kwh"]
+    assert energy["cpu"] > 0 and energy["ram"] > 0 and energy["gpu"] == 0.0
+    assert energy["total"] == pytest.approx(energy["cpu"] + energy["ram"])
+    sources = record["energy_sources"]
+    assert sources["cpu"].startswith(CPU_LABELS)
+    assert sources["ram"].startswith("fixed estimate") and "not measured" in sources["ram"]
+    assert sources["gpu"] == "no GPU used" and record["gpu_energy_nvml_kwh"] is None
+    from codecarbon.input import DataSource
+
+    usa = DataSource().get_global_energy_mix_data()["USA"]["carbon_intensity"]
+    assert record["carbon_intensity_g_per_kwh"] == pytest.approx(usa)
+    assert record["carbon_intensity_source"].startswith("codecarbon offline energy mix, USA")
+    assert record["co2eq_g"] > 0
+    assert record["co2eq_g"] == record["energy_kwh_with_pue"]["total"] * record["carbon_intensity_g_per_kwh"]
+    assert record["flops"] == 2.0 * 256**3 * steps and record["work"] == {"image_steps": steps}
+    assert record["result"] == {"acc": 0.5}
+    assert record["metering"] == {"ok": True, "failures": []}
+    assert record["versions"]["codecarbon"] == metadata.version("codecarbon")
+    assert not pending_path(ledger, "synthesize").exists()
+    assert verify_ledger(ledger) == []
+
+
+@pytest.mark.parametrize("raised", [ValueError("bad batch"), KeyboardInterrupt()])
+def test_exception_inside_is_recorded_as_interrupted_and_reraised(tmp_path: Path, raised: BaseException) -> None:
+    ledger = tmp_path / "carbon.jsonl"
+    with pytest.raises(type(raised)):
+        with meter("distill", ledger, FAST, "cpu"):
+            busy(0.3)
+            raise raised
+    (record,) = read_ledger(ledger)
+    assert record["status"] == "interrupted"
+    assert record["error"] == ("ValueError: bad batch" if isinstance(raised, ValueError) else "KeyboardInterrupt")
+    assert record["energy_kwh"]["total"] > 0
+    assert not pending_path(ledger, "distill").exists()
+
+
+def test_codecarbon_returning_none_is_a_metering_failure_not_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from codecarbon import OfflineEmissionsTracker
+
+    real_stop = OfflineEmissionsTracker.stop
+
+    def swallowing_stop(self: OfflineEmissionsTracker) -> None:
+        real_stop(self)
+        del self.final_emissions_data  # what codecarbon leaves when its @suppress swallows an error
+
+    monkeypatch.setattr(OfflineEmissionsTracker, "stop", swallowing_stop)
+    ledger = tmp_path / "carbon.jsonl"
+    with meter("distill", ledger, FAST, "cpu"):
+        busy(0.2)
+    (record,) = read_ledger(ledger)
+    assert record["energy_kwh"] == {"cpu": None, "gpu": 0.0, "ram": None, "total": None}
+    assert record["energy_kwh_with_pue"]["total"] is None and record["co2eq_g"] is None
+    assert record["energy_sources"]["cpu"] == "not measured"
+    assert record["metering"]["ok"] is False
+    assert "codecarbon reported no energy" in record["metering"]["failures"][0]
+
+
+def test_user_grid_intensity_and_pue_are_applied_exactly(tmp_path: Path) -> None:
+    ledger = tmp_path / "carbon.jsonl"
+    with meter("teacher", ledger, CarbonConfig(grid_g_per_kwh=123.0, flush_seconds=0.2), "cpu"):
+        busy(0.3)
+    (record,) = read_ledger(ledger)
+    assert record["pue"] == 1.67
+    for part in ("cpu", "gpu", "ram", "total"):
+        assert record["energy_kwh_with_pue"][part] == pytest.approx(1.67 * record["energy_kwh"][part], rel=1e-12)
+    assert record["energy_kwh_with_pue"]["total"] > 0
+    assert record["carbon_intensity_g_per_kwh"] == 123.0
+    assert record["carbon_intensity_source"].startswith("given by the user")
+    assert record["co2eq_g"] == record["energy_kwh_with_pue"]["total"] * 123.0
+
+
+def test_unknown_country_is_a_user_error_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(DfkdError, match="XYZ.*carbon.grid_g_per_kwh"):
+        with meter("teacher", tmp_path / "carbon.jsonl", CarbonConfig(country="XYZ"), "cpu"):
+            pytest.fail("the stage must not run")
+    assert not (tmp_path / "carbon.jsonl").exists()
+
+
+def _ledger_of(tmp_path: Path, n: int) -> Path:
+    ledger = tmp_path / "carbon.jsonl"
+    for i in range(n):
+        append_record(ledger, {"stage": f"s{i}", "status": "complete", "co2eq_g": 0.1 * i})
+    return ledger
+
+
+def test_append_record_chains_each_line_to_the_previous(tmp_path: Path) -> None:
+    ledger = _ledger_of(tmp_path, 3)
+    lines = ledger.read_bytes().splitlines()
+    records = read_ledger(ledger)
+    assert [r["seq"] for r in records] == [0, 1, 2]
+    assert records[0]["prev_sha256"] == GENESIS_SHA256
+    assert records[1]["prev_sha256"] == sha256_bytes(lines[0])
+    assert records[2]["prev_sha256"] == sha256_bytes(lines[1])
+    assert verify_ledger(ledger) == []
+
+
+def test_append_after_a_last_line_saved_without_its_newline(tmp_path: Path) -> None:
+    ledger = _ledger_of(tmp_path, 2)
+    ledger.write_bytes(ledger.read_bytes().rstrip(b"\n"))
+    append_record(ledger, {"stage": "s2"})
+    assert [r["seq"] for r in read_ledger(ledger)] == [0, 1, 2]
+    assert verify_ledger(ledger) == []
+
+
+def test_verify_reports_an_edited_line(tmp_path: Path) -> None:
+    ledger = _ledger_of(tmp_path, 4)
+    lines = ledger.read_text().splitlines()
+    edited = json.loads(lines[1])
+    edited["co2eq_g"] = 0.0
+    lines[1] = json.dumps(edited)
+    ledger.write_text("\n".join(lines) + "\n")
+    assert verify_ledger(ledger) == [
+        "line 2: edited record (its content no longer matches its record_sha256)",
+        "line 3: broken chain (prev_sha256 is not the sha256 of line 2)",
+    ]
+
+
+def test_verify_reports_a_removed_line(tmp_path: Path) -> None:
+    ledger = _ledger_of(tmp_path, 4)
+    lines = ledger.read_text().splitlines()
+    del lines[1]
+    ledger.write_text("\n".join(lines) + "\n")
+    assert verify_ledger(ledger) == [
+        "line 2: broken chain (prev_sha256 is not the sha256 of line 1)",
+        "line 2: missing record seq 1 (expected before this line)",
+    ]
+
+
+def test_verify_reports_swapped_lines(tmp_path: Path) -> None:
+    ledger = _ledger_of(tmp_path, 4)
+    lines = ledger.read_text().splitlines()
+    lines[1], lines[2] = lines[2], lines[1]
+    ledger.write_text("\n".join(lines) + "\n")
+    assert verify_ledger(ledger) == [
+        "line 2: broken chain (prev_sha256 is not the sha256 of line 1)",
+        "line 3: broken chain (prev_sha256 is not the sha256 of line 2)",
+        "line 4: broken chain (prev_sha256 is not the sha256 of line 3)",
+        "line 2: seq 2 out of order",
+        "line 3: seq 1 out of order",
+    ]
+
+
+def test_read_ledger_names_the_malformed_line(tmp_path: Path) -> None:
+    ledger = _ledger_of(tmp_path, 2)
+    with open(ledger, "a") as f:
+        f.write('{"stage": "cut off\n')
+    with pytest.raises(DfkdError, match=r"line 3 is not valid JSON"):
+        read_ledger(ledger)
+    assert verify_ledger(ledger) == ["line 3: not valid JSON"]
+
+
+KILLED_STAGE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from dfkd.carbon.config import CarbonConfig
+    from dfkd.carbon.meter import meter
+
+    with meter("synthesize", Path(sys.argv[1]), CarbonConfig(flush_seconds=0.2), "cpu", {"method": "kill"}):
+        a = torch.randn(256, 256)
+        while True:
+            a @ a
+    """
+)
+
+
+def test_sigkilled_stage_is_recovered_as_interrupted_with_energy_up_to_the_last_flush(tmp_path: Path) -> None:
+    ledger = tmp_path / "carbon.jsonl"
+    pending = pending_path(ledger, "synthesize")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_STAGE, str(ledger)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pending.exists() and json.loads(pending.read_text())["duration_s"] >= 0.5):
+            assert child.poll() is None and time.monotonic() < deadline, "the metered child never flushed"
+            time.sleep(0.05)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert not ledger.exists()
+    snapshot = json.loads(pending.read_text())
+
+    (record,) = recover_pending(ledger)
+    assert record["status"] == "interrupted"
+    assert record["error"] == f"process killed; energy measured up to the last flush at {snapshot['end_utc']}"
+    assert record["energy_kwh"] == snapshot["energy_kwh"] and record["energy_kwh"]["total"] > 0
+    assert record["co2eq_g"] == snapshot["co2eq_g"] > 0
+    assert record["duration_s"] >= 0.5 and record["info"] == {"method": "kill"}
+    assert read_ledger(ledger) == [record]
+    assert not pending.exists() and verify_ledger(ledger) == []
+    assert recover_pending(ledger) == []
+
+
+def test_recover_pending_skips_a_snapshot_whose_record_was_already_appended(tmp_path: Path) -> None:
+    ledger = tmp_path / "carbon.jsonl"
+    with meter("distill", ledger, FAST, "cpu"):
+        leftover = pending_path(ledger, "distill").read_bytes()
+    pending_path(ledger, "distill").write_bytes(leftover)  # as if killed between append and delete
+    assert recover_pending(ledger) == []
+    assert len(read_ledger(ledger)) == 1 and not pending_path(ledger, "distill").exists()
+
+
+def test_count_flops_of_a_linear_layer() -> None:
+    layer, x = nn.Linear(64, 32), torch.randn(8, 64)
+    assert count_flops(lambda: layer(x)) == 2 * 64 * 32 * 8
