@@ -17,7 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner, Result
 
 from conftest import save_tiny_teacher
-from dfkd.checkpoints import load_checkpoint
+from dfkd.checkpoints import load_checkpoint, read_meta
+from dfkd.data import load_split, stratified_subset
 from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.cli import app
 from dfkd.errors import DfkdError
@@ -96,6 +97,38 @@ def test_models_json() -> None:
     assert all(row["description"] == model_spec(row["name"]).description for row in rows)
 
 
+def _image_folder(root: Path, size: int, per_class: int) -> Path:
+    """An ImageFolder of `size`x`size` PNGs, two classes of distinct colours, in train/ and test/."""
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for label, name in enumerate(("red", "blue")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 96, (size, size, 3), generator=generator, dtype=torch.uint8)
+                pixels[..., 0 if label == 0 else 2] += 150
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_teacher_train_records_the_size_and_statistics_of_its_data(tmp_path: Path) -> None:
+    data = _image_folder(tmp_path / "data64", size=64, per_class=8)
+    out = tmp_path / "tiny64.safetensors"
+    result = invoke(
+        "teacher", "train", "--arch", "tiny", "--data", data, "--out", out, "--run", tmp_path / "run",
+        "--epochs", "1", "--batch-size", "4", "--eval-every", "1", "--device", "cpu", "--json",
+    )
+    assert result.exit_code == 0, result.output
+    meta = read_meta(out)
+    mean, std = load_split(data, "train").channel_stats()
+    assert meta.input_size == 64 and meta.num_classes == 2
+    assert meta.mean == pytest.approx(mean, rel=1e-5) and meta.std == pytest.approx(std, rel=1e-5)
+    # Uniform 0..95 everywhere, +150 on channel 0 (red) or 2 (blue) for half the images each.
+    assert meta.mean[0] == pytest.approx((47.5 + 75) / 255, abs=0.02) and meta.mean[1] == pytest.approx(47.5 / 255, abs=0.02)
+    teacher = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["teacher"]
+    assert teacher["input_size"] == 64 and teacher["mean"] == pytest.approx(list(mean))
+
+
 def test_teacher_train_writes_checkpoint_ledger_and_manifest(tmp_path: Path, cifar_jpeg_root: Path) -> None:
     out, run = tmp_path / "ckpt" / "tiny.safetensors", tmp_path / "run"
     result = invoke(
@@ -111,7 +144,11 @@ def test_teacher_train_writes_checkpoint_ledger_and_manifest(tmp_path: Path, cif
     _, meta = load_checkpoint(out, arch="tiny", num_classes=10)
     assert meta.arch == "tiny" and meta.num_classes == 10
     assert meta.test_acc == round(summary["test_acc"], 2)
-    assert meta.mean == CIFAR10_MEAN and meta.std == CIFAR10_STD
+    train = load_split(cifar_jpeg_root, "train")
+    mean, std = train.subset(stratified_subset(train.labels, 500, 0)).channel_stats()
+    # Measured on the 500 training images (the checkpoint keeps 6 significant digits), not CIFAR's constants.
+    assert meta.mean == pytest.approx(mean, rel=1e-5) and meta.std == pytest.approx(std, rel=1e-5)
+    assert meta.mean != CIFAR10_MEAN and meta.input_size == 32
     assert meta.extra["epochs"] == "1" and meta.extra["recipe"] == "dfkd teacher train"
     assert files_under(out.parent) == {"tiny.safetensors"}
 
