@@ -12,11 +12,15 @@ from typing import Any
 import torch
 
 
-def write_results(out: str, device: torch.device, argv: list[str] | None, rows: list[dict[str, Any]], **inputs: Any) -> None:
+def write_results(
+    out: str, device: torch.device, argv: list[str] | None, rows: list[dict[str, Any]], **inputs: Any
+) -> None:
     """Write `{date, machine, torch, command, **inputs, rows}` as JSON to `out`."""
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         **inputs,

@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_common import write_results
 from rich.console import Console
 from rich.table import Table
-
-from bench_common import write_results
 
 from dfkd.carbon.ledger import read_ledger
 
@@ -37,8 +36,24 @@ def distill_once(synthetic: Path, workdir: Path, tau: str, args: argparse.Namesp
         if (synthetic / name).exists():
             shutil.copy2(synthetic / name, run / name)
     command = [
-        sys.executable, "-m", "dfkd", "distill", "--run", str(run), "--tau", tau, "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size), "--eval-data", args.eval_data, "--device", args.device, "--json", "--overwrite",
+        sys.executable,
+        "-m",
+        "dfkd",
+        "distill",
+        "--run",
+        str(run),
+        "--tau",
+        tau,
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-data",
+        args.eval_data,
+        "--device",
+        args.device,
+        "--json",
+        "--overwrite",
         *(["--compile"] if args.compile else []),
     ]
     summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
@@ -69,10 +84,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench-distill.json")
     args = parser.parse_args(argv)
     rows = [distill_once(Path(args.synthetic), Path(args.workdir), tau, args) for tau in args.taus.split(",")]
-    table = Table("tau", "test acc %", "holdout agreement %", "img/s", "seconds", "kWh (PUE)", "GPU kWh (NVML)", "CO2eq g", title="distillation")
+    table = Table(
+        "tau",
+        "test acc %",
+        "holdout agreement %",
+        "img/s",
+        "seconds",
+        "kWh (PUE)",
+        "GPU kWh (NVML)",
+        "CO2eq g",
+        title="distillation",
+    )
     for r in rows:
         table.add_row(
-            r["tau"], f"{r['test_acc']:.2f}", f"{r['holdout_agreement']:.2f}", f"{r['images_per_s']:,.0f}", f"{r['duration_s']:.0f}",
+            r["tau"],
+            f"{r['test_acc']:.2f}",
+            f"{r['holdout_agreement']:.2f}",
+            f"{r['images_per_s']:,.0f}",
+            f"{r['duration_s']:.0f}",
             f"{r['energy_kwh_with_pue']:.5f}" if r["energy_kwh_with_pue"] is not None else "failed",
             f"{r['gpu_energy_nvml_kwh']:.5f}" if r["gpu_energy_nvml_kwh"] is not None else "-",
             f"{r['co2eq_g']:.2f}" if r["co2eq_g"] is not None else "failed",

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import write_results
 from rich.console import Console
 from rich.table import Table
-
-from bench_common import write_results
 
 from dfkd.checkpoints import load_checkpoint
 from dfkd.config.overrides import apply_overrides
@@ -33,7 +32,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(teacher, meta, device, method: str, batch_size: int, iterations: int, repeats: int, compile_: bool) -> dict:
+def bench_one(
+    teacher, meta, device, method: str, batch_size: int, iterations: int, repeats: int, compile_: bool
+) -> dict:
     method_class = get_synthesizer(method)
     config = apply_overrides(method_class.config_class(), {"iterations": iterations, "compile": compile_})
     synthesizer = method_class(teacher, config, device, meta.mean, meta.std, meta.num_classes, meta.input_size)
@@ -83,12 +84,32 @@ def main(argv: list[str] | None = None) -> None:
             for compile_ in compile_modes:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                rows.append(bench_one(teacher, meta, device, method, batch_size, args.iterations, args.repeats, compile_))
+                rows.append(
+                    bench_one(teacher, meta, device, method, batch_size, args.iterations, args.repeats, compile_)
+                )
                 Console(stderr=True).print(rows[-1])
-    table = Table("method", "batch", "iters", "compile", "image-steps/s", "agreement %", "confidence", "peak GiB", title="synthesis")
+    table = Table(
+        "method",
+        "batch",
+        "iters",
+        "compile",
+        "image-steps/s",
+        "agreement %",
+        "confidence",
+        "peak GiB",
+        title="synthesis",
+    )
     for r in rows:
-        table.add_row(r["method"], str(r["batch_size"]), str(r["iterations"]), str(r["compile"]), f"{r['image_steps_per_s']:,.0f}",
-                      f"{r['target_agreement']:.1f}", f"{r['mean_confidence']:.3f}", f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-")
+        table.add_row(
+            r["method"],
+            str(r["batch_size"]),
+            str(r["iterations"]),
+            str(r["compile"]),
+            f"{r['image_steps_per_s']:,.0f}",
+            f"{r['target_agreement']:.1f}",
+            f"{r['mean_confidence']:.3f}",
+            f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-",
+        )
     Console().print(table)
     write_results(args.out, device, argv, rows, teacher=args.teacher)
 

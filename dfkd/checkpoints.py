@@ -20,6 +20,7 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes
 from dfkd.models import create_model, model_spec
+
 _REQUIRED = ("arch", "num_classes", "mean", "std", "dataset")
 _CORE = set(_REQUIRED) | {"input_size", "test_acc"}
 
@@ -52,7 +53,7 @@ class CheckpointMeta:
         return out
 
     @classmethod
-    def from_strings(cls, raw: dict[str, str] | None, source: str) -> "CheckpointMeta":
+    def from_strings(cls, raw: dict[str, str] | None, source: str) -> CheckpointMeta:
         raw = raw or {}
         missing = [k for k in _REQUIRED if k not in raw]
         if missing:
@@ -72,7 +73,7 @@ class CheckpointMeta:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise DfkdError(f"checkpoint {source} needs 3 means and 3 positive stds, got {raw['mean']} / {raw['std']}")
         extra = {k: v for k, v in raw.items() if k not in _CORE}
-        return cls(arch, num_classes, mean, std, raw["dataset"], input_size, test_acc, extra)  # type: ignore[arg-type]
+        return cls(arch, num_classes, mean, std, raw["dataset"], input_size, test_acc, extra)
 
 
 def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -183,7 +184,9 @@ def import_pth(src: Path, dst: Path, meta: CheckpointMeta) -> str:
     try:
         obj = torch.load(io.BytesIO(src.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise DfkdError(f"{src} is not a weights-only PyTorch file ({type(exc).__name__}): export its state_dict") from None
+        raise DfkdError(
+            f"{src} is not a weights-only PyTorch file ({type(exc).__name__}): export its state_dict"
+        ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

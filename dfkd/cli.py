@@ -5,8 +5,9 @@ from __future__ import annotations
 import errno
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -25,7 +26,11 @@ from dfkd.rundir import RunDir, default_run_dir
 # Heavy modules (torch, kornia, codecarbon) are imported inside the commands that need them, so
 # `dfkd --help`, `dfkd report`, `dfkd audit` and `dfkd validate` start fast and run without torch.
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Data-free knowledge distillation with per-stage carbon accounting.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Data-free knowledge distillation with per-stage carbon accounting.",
+)
 teacher_app = typer.Typer(no_args_is_help=True, help="Train a teacher on real data.")
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Inspect and import checkpoints.")
 study_app = typer.Typer(no_args_is_help=True, help="Studies that compare runs of one recipe.")
@@ -56,9 +61,13 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except (DfkdError, OSError) as exc:
             if _state["debug"] or (isinstance(exc, OSError) and exc.errno != errno.ENOSPC):
                 raise
-            message = str(exc) if isinstance(exc, DfkdError) else (
-                f"no space left on device{f' writing {exc.filename}' if exc.filename else ''}: "
-                "free some space and rerun the same command to resume"
+            message = (
+                str(exc)
+                if isinstance(exc, DfkdError)
+                else (
+                    f"no space left on device{f' writing {exc.filename}' if exc.filename else ''}: "
+                    "free some space and rerun the same command to resume"
+                )
             )
             # Text, not markup: a message may hold brackets (a path, a TOML section) that rich would eat.
             err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
@@ -67,13 +76,17 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def carbon_config(pue: float, country: str, grid: Optional[float]) -> CarbonConfig:
-    return apply_overrides(CarbonConfig(), {"pue": pue, "country": country.upper(), "grid_g_per_kwh": grid}, "carbon setting")
+def carbon_config(pue: float, country: str, grid: float | None) -> CarbonConfig:
+    return apply_overrides(
+        CarbonConfig(), {"pue": pue, "country": country.upper(), "grid_g_per_kwh": grid}, "carbon setting"
+    )
 
 
 PUE = typer.Option(1.67, "--pue", help="Power usage effectiveness applied to measured energy (paper: 1.67).")
 COUNTRY = typer.Option("USA", "--country", help="ISO-3166 alpha-3 code of the grid (codecarbon offline energy mix).")
-GRID = typer.Option(None, "--grid-intensity", help="Explicit grid carbon intensity in g CO2eq/kWh (overrides --country).")
+GRID = typer.Option(
+    None, "--grid-intensity", help="Explicit grid carbon intensity in g CO2eq/kWh (overrides --country)."
+)
 JSON = typer.Option(False, "--json", help="Quiet machine-readable JSON on stdout.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")
 
@@ -86,13 +99,24 @@ def print_json(obj: Any) -> None:
 @user_errors
 def models_command(as_json: bool = JSON) -> None:
     """List the registered model architectures."""
-    rows = [{"name": n, "description": model_spec(n).description, "params_at_10_classes": model_spec(n).params_at_10_classes} for n in list_models()]
+    rows = [
+        {
+            "name": n,
+            "description": model_spec(n).description,
+            "params_at_10_classes": model_spec(n).params_at_10_classes,
+        }
+        for n in list_models()
+    ]
     if as_json:
         print_json(rows)
         return
     table = Table("name", "description", "params (10 classes)")
     for row in rows:
-        table.add_row(row["name"], row["description"], f"{row['params_at_10_classes']:,}" if row["params_at_10_classes"] else "")
+        table.add_row(
+            str(row["name"]),
+            str(row["description"]),
+            f"{row['params_at_10_classes']:,}" if row["params_at_10_classes"] else "",
+        )
     out.print(table)
 
 
@@ -108,13 +132,19 @@ def teacher_train(
     warmup_epochs: int = typer.Option(0, "--warmup-epochs"),
     seed: int = typer.Option(0, "--seed"),
     eval_every: int = typer.Option(10, "--eval-every", help="Report test accuracy every N epochs."),
-    train_subset: int = typer.Option(0, "--train-subset", help="Train on a class-balanced slice of N images (0 = all)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model on CUDA (faster after a one-off compile)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run dir for the ledger and manifest (default: runs/teacher-<arch>-<time>)."),
+    train_subset: int = typer.Option(
+        0, "--train-subset", help="Train on a class-balanced slice of N images (0 = all)."
+    ),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the model on CUDA (faster after a one-off compile)."
+    ),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run dir for the ledger and manifest (default: runs/teacher-<arch>-<time>)."
+    ),
     device: str = DEVICE,
     pue: float = PUE,
     country: str = COUNTRY,
-    grid: Optional[float] = GRID,
+    grid: float | None = GRID,
     as_json: bool = JSON,
 ) -> None:
     """Train a teacher with the standard CIFAR recipe; metered as stage `teacher-training`."""
@@ -132,9 +162,17 @@ def teacher_train(
     config = apply_overrides(
         TeacherConfig(),
         {
-            "arch": arch, "data": str(data), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "warmup_epochs": warmup_epochs, "seed": seed, "device": device, "eval_every": eval_every,
-            "train_subset": train_subset, "compile": compile_model,
+            "arch": arch,
+            "data": str(data),
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "warmup_epochs": warmup_epochs,
+            "seed": seed,
+            "device": device,
+            "eval_every": eval_every,
+            "train_subset": train_subset,
+            "compile": compile_model,
         },
         "teacher setting",
     )
@@ -145,14 +183,20 @@ def teacher_train(
     with run_dir.locked():
         run_dir.update_manifest(carbon=config_dict(carbon))
         report = run_metered(
-            run_dir, "teacher-training", carbon, torch_device, {"arch": arch},
+            run_dir,
+            "teacher-training",
+            carbon,
+            torch_device,
+            {"arch": arch},
             lambda: train_teacher(config, out_path, run_dir, show_progress=not as_json),
         )
     summary = {"checkpoint": str(out_path), "test_acc": report.result["test_acc"], "run": str(run_dir.root)}
     if as_json:
         print_json(summary)
     else:
-        out.print(f"wrote {out_path} (test accuracy {report.result['test_acc']:.2f} %); ledger in {run_dir.ledger_path}")
+        out.print(
+            f"wrote {out_path} (test accuracy {report.result['test_acc']:.2f} %); ledger in {run_dir.ledger_path}"
+        )
 
 
 @app.command("evaluate")
@@ -171,11 +215,22 @@ def evaluate_command(
     if as_json:
         print_json(metrics)
         return
-    out.print(f"[bold]{model}[/bold] on {metrics['data']}: top-1 {metrics['accuracy']:.2f} %  kappa {metrics['kappa']:.4f}  ({metrics['count']} images)")
+    out.print(
+        f"[bold]{model}[/bold] on {metrics['data']}: top-1 {metrics['accuracy']:.2f} %  "
+        f"kappa {metrics['kappa']:.4f}  ({metrics['count']} images)"
+    )
     table = Table("class", "precision", "recall", "F1", "support", title="per class")
     for row in metrics["per_class"]:
-        table.add_row(row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
-    table.add_row("macro", f"{metrics['macro_precision']:.4f}", f"{metrics['macro_recall']:.4f}", f"{metrics['macro_f1']:.4f}", str(metrics["count"]))
+        table.add_row(
+            row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])
+        )
+    table.add_row(
+        "macro",
+        f"{metrics['macro_precision']:.4f}",
+        f"{metrics['macro_recall']:.4f}",
+        f"{metrics['macro_f1']:.4f}",
+        str(metrics["count"]),
+    )
     out.print(table)
     names = [row["name"][:6] for row in metrics["per_class"]]
     confusion = Table("true \\ pred", *names, title="confusion matrix")
@@ -211,7 +266,7 @@ def checkpoint_import(
     dataset: str = typer.Option("cifar10", "--dataset"),
     mean: str = typer.Option(",".join(map(str, CIFAR10_MEAN)), "--mean", help="Input normalisation mean, 3 values."),
     std: str = typer.Option(",".join(map(str, CIFAR10_STD)), "--std", help="Input normalisation std, 3 values."),
-    test_acc: Optional[float] = typer.Option(None, "--test-acc", help="Known test accuracy in %, recorded in metadata."),
+    test_acc: float | None = typer.Option(None, "--test-acc", help="Known test accuracy in %, recorded in metadata."),
     as_json: bool = JSON,
 ) -> None:
     """Convert a .pth checkpoint (loaded with weights_only=True) to a validated .safetensors."""
@@ -221,8 +276,14 @@ def checkpoint_import(
         raise DfkdError(f"destination {dst} must end in .safetensors")
     model_spec(arch)
     meta = CheckpointMeta.from_strings(
-        {"arch": arch, "num_classes": str(num_classes), "mean": mean, "std": std, "dataset": dataset,
-         **({"test_acc": str(test_acc)} if test_acc is not None else {})},
+        {
+            "arch": arch,
+            "num_classes": str(num_classes),
+            "mean": mean,
+            "std": std,
+            "dataset": dataset,
+            **({"test_acc": str(test_acc)} if test_acc is not None else {}),
+        },
         "given on the command line",
     )
     digest = import_pth(src, dst, meta)
@@ -238,16 +299,22 @@ def synthesize_command(
     method: str = typer.Option("cmi", "--method", help="Synthesis method: cmi or deepinversion."),
     teacher: Path = typer.Option(EMBEDDED_TEACHER_PATH, "--teacher", help="Teacher checkpoint (.safetensors)."),
     num_images: int = typer.Option(50_000, "--num-images", help="How many synthetic images to make."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Synthesis batch (independent of the distillation batch)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimisation steps per batch (default: the method's published setting)."),
+    batch_size: int = typer.Option(
+        256, "--batch-size", help="Synthesis batch (independent of the distillation batch)."
+    ),
+    iterations: int | None = typer.Option(
+        None, "--iterations", help="Optimisation steps per batch (default: the method's published setting)."
+    ),
     seed: int = typer.Option(0, "--seed"),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run dir (default: runs/<method>-<time>)."),
-    settings: Optional[list[str]] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard existing synthetic data in the run dir and start over."),
+    run: Path | None = typer.Option(None, "--run", help="Run dir (default: runs/<method>-<time>)."),
+    settings: list[str] | None = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard existing synthetic data in the run dir and start over."
+    ),
     device: str = DEVICE,
     pue: float = PUE,
     country: str = COUNTRY,
-    grid: Optional[float] = GRID,
+    grid: float | None = GRID,
     as_json: bool = JSON,
 ) -> None:
     """Invert the teacher into synthetic image shards; metered as stage `synthesis`. Resumes by default."""
@@ -257,8 +324,15 @@ def synthesize_command(
 
     config = apply_overrides(
         SynthesisConfig(),
-        {"method": method, "teacher": str(teacher), "num_images": num_images, "batch_size": batch_size,
-         "seed": seed, "device": device, "method_settings": parse_set_options(settings)},
+        {
+            "method": method,
+            "teacher": str(teacher),
+            "num_images": num_images,
+            "batch_size": batch_size,
+            "seed": seed,
+            "device": device,
+            "method_settings": parse_set_options(settings),
+        },
         "synthesis setting",
     )
     carbon = carbon_config(pue, country, grid)
@@ -282,27 +356,39 @@ def synthesize_command(
 def distill_command(
     run: Path = typer.Option(..., "--run", help="Run dir holding the synthetic shards (from `dfkd synthesize`)."),
     student: str = typer.Option("wrn16_1", "--student", help="Student architecture (see `dfkd models`)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher checkpoint (default: the one that made the synthetic set, checked by hash)."),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", help="Teacher checkpoint (default: the one that made the synthetic set, checked by hash)."
+    ),
     tau: str = typer.Option("stochastic", "--tau", help="stochastic | a number >= 1 | grid | grid:2,4,8,16"),
     tau_range: str = typer.Option("2,20", "--tau-range", help="Range of the stochastic tau, low,high."),
-    tau_per: str = typer.Option("batch", "--tau-per", help="batch (the paper) or sample (one tau per image; our extension)."),
+    tau_per: str = typer.Option(
+        "batch", "--tau-per", help="batch (the paper) or sample (one tau per image; our extension)."
+    ),
     loss: str = typer.Option("hkd", "--loss", help="hkd | cmc | dml"),
     alpha: float = typer.Option(0.95, "--alpha", help="Weight of the KD term in hkd."),
     epochs: int = typer.Option(200, "--epochs"),
     batch_size: int = typer.Option(256, "--batch-size"),
     lr: float = typer.Option(0.1, "--lr", help="Learning rate at batch 256, scaled linearly with --batch-size."),
     seed: int = typer.Option(0, "--seed"),
-    data: Optional[Path] = typer.Option(None, "--data", help="Train on this real data's training split instead (the data-driven KD baseline)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Report accuracy on this data's test split."),
-    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Pick the grid winner by accuracy on a slice of this data's training split."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Train on this real data's training split instead (the data-driven KD baseline)."
+    ),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help="Report accuracy on this data's test split."),
+    val_data: Path | None = typer.Option(
+        None, "--val-data", help="Pick the grid winner by accuracy on a slice of this data's training split."
+    ),
     eval_every: int = typer.Option(0, "--eval-every", help="Also evaluate every N epochs (0 = only at the end)."),
-    train_subset: int = typer.Option(0, "--train-subset", help="With --data: train on a class-balanced slice of N images (0 = all)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard this run's earlier distillation and start over."),
+    train_subset: int = typer.Option(
+        0, "--train-subset", help="With --data: train on a class-balanced slice of N images (0 = all)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard this run's earlier distillation and start over."
+    ),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile student and teacher on CUDA."),
     device: str = DEVICE,
     pue: float = PUE,
     country: str = COUNTRY,
-    grid: Optional[float] = GRID,
+    grid: float | None = GRID,
     as_json: bool = JSON,
 ) -> None:
     """Distil a student from the teacher on the synthetic set; metered as stage `distillation`. Resumes by default."""
@@ -313,10 +399,23 @@ def distill_command(
     config = apply_overrides(
         DistillConfig(),
         {
-            "student": student, "teacher": str(teacher or ""), "tau": tau, "tau_range": parse_tau_range(tau_range),
-            "tau_per": tau_per, "loss": loss, "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "device": device, "data": str(data or ""), "eval_data": str(eval_data or ""),
-            "val_data": str(val_data or ""), "eval_every": eval_every, "compile": compile_model,
+            "student": student,
+            "teacher": str(teacher or ""),
+            "tau": tau,
+            "tau_range": parse_tau_range(tau_range),
+            "tau_per": tau_per,
+            "loss": loss,
+            "alpha": alpha,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "device": device,
+            "data": str(data or ""),
+            "eval_data": str(eval_data or ""),
+            "val_data": str(val_data or ""),
+            "eval_every": eval_every,
+            "compile": compile_model,
             "train_subset": train_subset,
         },
         "distillation setting",
@@ -342,7 +441,7 @@ def distill_command(
 def report_command(
     runs: list[Path] = typer.Argument(..., help="One or more run dirs, shown side by side."),
     fmt: str = typer.Option("table", "--format", help="table | json | markdown | html (one self-contained file)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Write to this file (atomically) instead of stdout."),
+    out_file: Path | None = typer.Option(None, "--out", help="Write to this file (atomically) instead of stdout."),
 ) -> None:
     """The per-stage carbon report: energy, CO2eq, FLOPs and results of every ledger record."""
     from dfkd.files import atomic_write_bytes
@@ -365,7 +464,9 @@ def report_command(
 @user_errors
 def audit_command(
     run: Path = typer.Argument(..., help="The run dir to verify."),
-    report_file: Optional[Path] = typer.Option(None, "--report", help="A saved `dfkd report --format json` to check against the run too."),
+    report_file: Path | None = typer.Option(
+        None, "--report", help="A saved `dfkd report --format json` to check against the run too."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Re-hash every artifact, check the ledger's hash chain and the totals; exit 1 on any mismatch."""
@@ -397,8 +498,10 @@ def _print_run_report(runs: list[Path]) -> None:
 @user_errors
 def run_command(
     recipe_file: Path = typer.Argument(..., help="A recipe (.toml), e.g. recipes/quickstart.toml."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run dir (default: runs/<recipe>-<time>); rerun on it to resume."),
-    settings: Optional[list[str]] = RECIPE_SETS,
+    run: Path | None = typer.Option(
+        None, "--run", help="Run dir (default: runs/<recipe>-<time>); rerun on it to resume."
+    ),
+    settings: list[str] | None = RECIPE_SETS,
     as_json: bool = JSON,
 ) -> None:
     """Run a recipe: synthesize, distil and evaluate in one run dir, each stage metered; then the carbon report."""
@@ -436,7 +539,9 @@ def recipes_command(as_json: bool = JSON) -> None:
 @app.command("validate")
 @user_errors
 def validate_command(
-    recipe_files: Optional[list[Path]] = typer.Argument(None, help="Recipes to check (default: every recipe under recipes/)."),
+    recipe_files: list[Path] | None = typer.Argument(
+        None, help="Recipes to check (default: every recipe under recipes/)."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Check recipes' structure and values without running them; exit 2 on the first invalid one.
@@ -461,9 +566,13 @@ def validate_command(
 @study_app.command("tau")
 @user_errors
 def study_tau_command(
-    recipe_file: Path = typer.Argument(..., help="A recipe (.toml); its [distill] tau is replaced by stochastic and by grid."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Study dir holding stochastic/ and grid/ (default: runs/<recipe>-tau-<time>)."),
-    settings: Optional[list[str]] = RECIPE_SETS,
+    recipe_file: Path = typer.Argument(
+        ..., help="A recipe (.toml); its [distill] tau is replaced by stochastic and by grid."
+    ),
+    run: Path | None = typer.Option(
+        None, "--run", help="Study dir holding stochastic/ and grid/ (default: runs/<recipe>-tau-<time>)."
+    ),
+    settings: list[str] | None = RECIPE_SETS,
     as_json: bool = JSON,
 ) -> None:
     """From one synthetic set, a stochastic-τ and a grid-tuned distillation, and the paper's Table-6 comparison."""

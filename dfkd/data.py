@@ -65,9 +65,7 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(
-                f"images {tuple(self.images.shape)} and labels {tuple(self.labels.shape)} do not pair up"
-            )
+            raise ValueError(f"images {tuple(self.images.shape)} and labels {tuple(self.labels.shape)} do not pair up")
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -308,7 +306,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for package in ("numpy.core", "numpy._core"):
         allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]
     return allowed
 
 
@@ -479,9 +477,7 @@ def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generato
     ]
 
 
-def normalize(
-    images: Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
-) -> Tensor:
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False) -> Tensor:
     """`(x / 255 - mean) / std` per channel as float32, optionally in channels-last memory format.
 
     mean/std reach the device by a non-blocking copy: from pageable memory it is staged at once and

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import ContextManager
+from contextlib import AbstractContextManager
+from typing import cast
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device) -> ContextManager:
+def autocast(device: torch.device) -> AbstractContextManager[None]:
     """bf16 autocast on CUDA (safe for these convnets: BN and losses stay fp32); plain fp32 on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -51,7 +52,7 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 def compiled(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
     """`torch.compile(model)` on CUDA when asked (it shares the parameters, so save `model` itself)."""
-    return torch.compile(model) if enabled and device.type == "cuda" else model
+    return cast(nn.Module, torch.compile(model)) if enabled and device.type == "cuda" else model
 
 
 def seed_everything(seed: int) -> None:

@@ -24,7 +24,7 @@ _CHUNK = 1 << 20
 
 def utc_now() -> str:
     """Current UTC time as an ISO-8601 string with a Z suffix."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -94,9 +94,7 @@ def git_commit() -> str | None:
     """The commit of the dfkd source tree, when it is a git checkout; None otherwise."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -10,7 +10,7 @@ no gradient reaches the teacher; detaching again would hide that choice in the l
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -65,4 +65,6 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         if key.startswith(f"{prefix}."):
             index, slot = key.removeprefix(f"{prefix}.").split(".", 1)
             state.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": optimizer.state_dict()["param_groups"]})
+    optimizer.load_state_dict(
+        {"state": dict(sorted(state.items())), "param_groups": optimizer.state_dict()["param_groups"]}
+    )

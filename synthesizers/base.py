@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -84,11 +84,11 @@ class Synthesizer(ABC):
         self.image_size = image_size
         self.on_cuda = self.device.type == "cuda"
         self.memory_format = torch.channels_last if self.on_cuda else torch.contiguous_format
-        frozen = copy.deepcopy(teacher).to(self.device, memory_format=self.memory_format).eval()
+        frozen = copy.deepcopy(teacher).to(self.device).to(memory_format=self.memory_format).eval()
         frozen.requires_grad_(False)
         self.statistics = BatchNormStatistics(frozen, instance_features=self.instance_features)
         # Hooks go on before compiling so that the compiled graph contains them.
-        self.teacher: nn.Module = torch.compile(frozen) if config.compile and self.on_cuda else frozen
+        self.teacher = cast(nn.Module, torch.compile(frozen)) if config.compile and self.on_cuda else frozen
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 

@@ -12,6 +12,8 @@ image's instance feature, the spatial means of all those BN inputs concatenated:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch.linalg import vector_norm
@@ -53,7 +55,9 @@ class BatchNormStatistics:
             x = x.float()
             rows = x if self.stat_rows is None else x[: self.stat_rows]
             var, mean = torch.var_mean(rows, dim=(0, 2, 3), correction=0)
-            distance = vector_norm(mean - module.running_mean) + vector_norm(var - module.running_var)
+            # batchnorm_layers keeps only layers that track running statistics, so both are tensors.
+            running_mean, running_var = cast(Tensor, module.running_mean), cast(Tensor, module.running_var)
+            distance = vector_norm(mean - running_mean) + vector_norm(var - running_var)
             self._distances.append(distance)
             if self.instance_features:
                 self._features.append(x.mean(dim=(2, 3)))
@@ -82,9 +86,8 @@ class BatchNormStatistics:
         self._handles.clear()
         self.reset()
 
-    def __enter__(self) -> "BatchNormStatistics":
+    def __enter__(self) -> BatchNormStatistics:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
-

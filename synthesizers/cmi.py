@@ -28,7 +28,7 @@ bank come from a final no-grad fp32 forward of the kept, un-augmented images.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import kornia.augmentation as K
 import torch
@@ -36,8 +36,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors
-from synthesizers.configs import CMIConfig
-from synthesizers.registry import register
 from synthesizers.base import (
     Progress,
     SynthesisBatch,
@@ -45,6 +43,8 @@ from synthesizers.base import (
     SynthesizerState,
     keep_lowest,
 )
+from synthesizers.configs import CMIConfig
+from synthesizers.registry import register
 
 
 class Generator(nn.Module):
@@ -150,11 +150,10 @@ class CMI(Synthesizer):
         cfg = self.config
         targets = self.check_targets(targets)
         n = targets.numel()
-        generator = Generator(cfg.nz, cfg.ngf, self.image_size).to(self.device, memory_format=self.memory_format)
+        generator = Generator(cfg.nz, cfg.ngf, self.image_size).to(self.device).to(memory_format=self.memory_format)
         z = torch.randn(n, cfg.nz, device=self.device, requires_grad=True)
-        optimizer = torch.optim.Adam(
-            [{"params": generator.parameters()}, {"params": [z]}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
-        )
+        groups: list[dict[str, Any]] = [{"params": generator.parameters()}, {"params": [z]}]
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         best_images = torch.zeros(n, 3, self.image_size, self.image_size, device=self.device)
         best_losses = torch.full((n,), float("inf"), device=self.device)
         for step in range(cfg.iterations):

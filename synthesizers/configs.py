@@ -8,12 +8,19 @@ from typing import Any, Protocol
 
 
 class MethodConfig(Protocol):
-    """The fields every method's config has besides its own hyper-parameters."""
+    """The fields every method's config has besides its own hyper-parameters (read-only: configs are frozen)."""
 
-    iterations: int
-    amp: bool
-    compile: bool
-    log_every: int
+    @property
+    def iterations(self) -> int: ...
+
+    @property
+    def amp(self) -> bool: ...
+
+    @property
+    def compile(self) -> bool: ...
+
+    @property
+    def log_every(self) -> int: ...
 
 
 def check_ranges(

@@ -26,8 +26,6 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from synthesizers.configs import DeepInversionConfig
-from synthesizers.registry import register
 from synthesizers.base import (
     Progress,
     SynthesisBatch,
@@ -35,6 +33,8 @@ from synthesizers.base import (
     SynthesizerState,
     keep_lowest,
 )
+from synthesizers.configs import DeepInversionConfig
+from synthesizers.registry import register
 
 
 def total_variation(images: Tensor) -> Tensor:

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
 from dfkd.checkpoints import CheckpointMeta, save_checkpoint
-from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.models import create_model
+from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 
 SHARED = Path(os.environ.get("DFKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -85,10 +85,20 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 def tiny_recipe_sets(tiny_teacher: Path) -> list[str]:
     """`--set` options that shrink recipes/quickstart.toml to a tiny teacher and student (seconds on CPU)."""
     values = {
-        "teacher.checkpoint": str(tiny_teacher), "run.device": "cpu", "carbon.grid_g_per_kwh": "400",
-        "synthesize.num_images": "48", "synthesize.batch_size": "4", "synthesize.iterations": "3",
-        "synthesize.settings.nz": "16", "synthesize.settings.ngf": "8", "synthesize.settings.head_dim": "16",
-        "synthesize.settings.bank_size": "64", "synthesize.settings.num_negatives": "8",
-        "distill.student": "tiny", "distill.epochs": "3", "distill.batch_size": "8", "distill.lr": "0.4",
+        "teacher.checkpoint": str(tiny_teacher),
+        "run.device": "cpu",
+        "carbon.grid_g_per_kwh": "400",
+        "synthesize.num_images": "48",
+        "synthesize.batch_size": "4",
+        "synthesize.iterations": "3",
+        "synthesize.settings.nz": "16",
+        "synthesize.settings.ngf": "8",
+        "synthesize.settings.head_dim": "16",
+        "synthesize.settings.bank_size": "64",
+        "synthesize.settings.num_negatives": "8",
+        "distill.student": "tiny",
+        "distill.epochs": "3",
+        "distill.batch_size": "8",
+        "distill.lr": "0.4",
     }
     return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]

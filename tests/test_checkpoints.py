@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.checkpoints import (
     CheckpointMeta,
     import_pth,
@@ -19,8 +18,9 @@ from dfkd.checkpoints import (
     save_checkpoint,
 )
 from dfkd.errors import DfkdError
-from dfkd.models import create_model
 from dfkd.files import sha256_file
+from dfkd.models import create_model
+from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 
 META = CheckpointMeta(
     arch="tiny",
@@ -207,7 +207,9 @@ def test_truncated_file(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> 
 def test_not_a_safetensors_path(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
     path = tmp_path / "tiny.pth"
     path.write_bytes(saved[0].read_bytes())
-    with pytest.raises(DfkdError, match=r"is not a .safetensors file: convert .pth files with `dfkd checkpoint import`"):
+    with pytest.raises(
+        DfkdError, match=r"is not a .safetensors file: convert .pth files with `dfkd checkpoint import`"
+    ):
         load_checkpoint(path)
     with pytest.raises(DfkdError, match="is not a .safetensors file"):
         read_meta(path)
@@ -259,7 +261,13 @@ def test_pth_with_arbitrary_objects_is_refused(tmp_path: Path, payload: object) 
 
 @pytest.mark.parametrize(
     "obj",
-    [[torch.zeros(1)], {"conv1.weight": torch.zeros(1), "epoch": 3}, {"state_dict": [1, 2]}, torch.zeros(3), {1: torch.zeros(1)}],
+    [
+        [torch.zeros(1)],
+        {"conv1.weight": torch.zeros(1), "epoch": 3},
+        {"state_dict": [1, 2]},
+        torch.zeros(3),
+        {1: torch.zeros(1)},
+    ],
     ids=["list", "non-tensor-value", "state_dict-list", "tensor", "int-key"],
 )
 def test_pth_without_a_state_dict_of_tensors(tmp_path: Path, obj: object) -> None:

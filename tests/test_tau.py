@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dfkd.errors import DfkdError
 from dfkd.config.tau import TauSpec, parse_tau, parse_tau_range
+from dfkd.errors import DfkdError
 from dfkd.tau import FixedTau, StochasticTau, make_sampler
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +36,8 @@ class _NvmlCounter:
         pynvml.nvmlInit()
         props = torch.cuda.get_device_properties(cuda_index)
         # NVML numbers GPUs its own way (CUDA_VISIBLE_DEVICES does not apply), so match the device itself.
-        if hasattr(props, "pci_bus_id"):
+        if hasattr(props, "pci_bus_id"):  # older torch builds lack the PCI fields
+            props = cast(Any, props)
             bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
             self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
         else:
@@ -175,6 +176,7 @@ class EnergyMeters:
         return self._section(data, nvml_kwh, failures)
 
     def _section(self, data: Any, nvml_kwh: float | None, failures: list[str]) -> dict[str, Any]:
+        gpu: float | None
         cpu = data.cpu_energy if data is not None else None
         ram = data.ram_energy if data is not None else None
         gpu_codecarbon = data.gpu_energy if data is not None else None
@@ -188,11 +190,11 @@ class EnergyMeters:
             # Neither NVML nor codecarbon saw the GPU: its 0 would be a guess, so the figure is missing.
             gpu, gpu_source = None, "not measured (no NVML counter and no codecarbon GPU meter)"
             failures.append("the GPU's energy was not measured: neither NVML nor codecarbon could read it")
-        energy = {"cpu": cpu, "gpu": gpu, "ram": ram}
-        energy["total"] = None if None in energy.values() else cpu + gpu + ram
+        energy: dict[str, float | None] = {"cpu": cpu, "gpu": gpu, "ram": ram}
+        energy["total"] = None if cpu is None or gpu is None or ram is None else cpu + gpu + ram
         pue = self.carbon.pue
         with_pue = {key: None if value is None else value * pue for key, value in energy.items()}
-        device = {"type": self.device.type, "name": str(self.device)}
+        device: dict[str, Any] = {"type": self.device.type, "name": str(self.device)}
         if self.device.type == "cuda":
             device["gpu_name"] = torch.cuda.get_device_name(self.device)
             device["gpu_count"] = torch.cuda.device_count()

@@ -69,5 +69,7 @@ class DistillConfig:
     def identity(self, source: str) -> str:
         """Hash of what changes the trained weights (settings and the `source` images/teacher, not where
         they are evaluated), to refuse resuming a student on other data or settings."""
-        fields = {k: v for k, v in config_dict(self).items() if k not in ("eval_data", "eval_every", "device", "compile")}
+        fields = {
+            k: v for k, v in config_dict(self).items() if k not in ("eval_data", "eval_every", "device", "compile")
+        }
         return hashlib.sha256(json.dumps({**fields, "source": source}, sort_keys=True).encode()).hexdigest()

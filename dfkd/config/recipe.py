@@ -87,11 +87,19 @@ class Recipe:
         for key in _DISTILL_ELSEWHERE:
             distill.pop(key)
         # Through JSON, so it compares equal to the copy read back from the run dir (tuples become lists).
-        return json.loads(json.dumps({
-            "name": self.name, "run": config_dict(self.run), "teacher": config_dict(self.teacher),
-            "synthesize": {**synthesis, "settings": settings}, "distill": distill,
-            "evaluate": config_dict(self.evaluate), "carbon": config_dict(self.carbon),
-        }))
+        return json.loads(
+            json.dumps(
+                {
+                    "name": self.name,
+                    "run": config_dict(self.run),
+                    "teacher": config_dict(self.teacher),
+                    "synthesize": {**synthesis, "settings": settings},
+                    "distill": distill,
+                    "evaluate": config_dict(self.evaluate),
+                    "carbon": config_dict(self.carbon),
+                }
+            )
+        )
 
 
 # Keys of the stage configs that a recipe sets in another section.
@@ -110,16 +118,16 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> None:
     if expected is None:
         return
     if isinstance(value, bool) and annotation is not bool or not isinstance(value, expected):
-        raise DfkdError(
-            f"recipe key {section}.{key} = {value!r} has the wrong type: it must be {annotation.__name__}"
-        )
+        raise DfkdError(f"recipe key {section}.{key} = {value!r} has the wrong type: it must be {annotation.__name__}")
 
 
 def _section(section: str, raw: dict[str, Any], default: Any, valid: list[str], from_file: set[str]) -> Any:
     """`default` with the section's keys applied; an unknown key is an error that lists the valid ones."""
     unknown = sorted(set(raw) - set(valid))
     if unknown:
-        raise DfkdError(f"unknown recipe key {section}.{unknown[0]}: valid keys of section {section} are {', '.join(valid)}")
+        raise DfkdError(
+            f"unknown recipe key {section}.{unknown[0]}: valid keys of section {section} are {', '.join(valid)}"
+        )
     hints = typing.get_type_hints(type(default))
     for key in raw:
         if key in from_file and key in hints:
@@ -132,14 +140,17 @@ def _method_settings(method: str, settings: dict[str, Any], iterations: Any) -> 
     try:
         config_class = method_config_class(method)
     except ValueError:
-        raise DfkdError(f"recipe key synthesize.method = {method!r}: choose one of {', '.join(list_synthesizers())}") from None
+        raise DfkdError(
+            f"recipe key synthesize.method = {method!r}: choose one of {', '.join(list_synthesizers())}"
+        ) from None
     merged = {**settings, **({"iterations": iterations} if iterations is not None else {})}
     apply_overrides(config_class(), merged, f"synthesize.settings ({method})")
     return merged
 
 
 def parse_recipe_overrides(items: list[str] | None) -> dict[str, dict[str, str]]:
-    """`["distill.epochs=3", "synthesize.settings.nz=16"]` -> `{"distill": {"epochs": "3"}, "synthesize": {"settings.nz": "16"}}`."""
+    """`["distill.epochs=3", "synthesize.settings.nz=16"]`
+    -> `{"distill": {"epochs": "3"}, "synthesize": {"settings.nz": "16"}}`."""
     out: dict[str, dict[str, str]] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -176,24 +187,43 @@ def build_recipe(name: str, data: dict[str, Any], overrides: dict[str, dict[str,
         if not isinstance(content, dict):
             raise DfkdError(f"recipe section {section!r} must be a table of key = value lines")
     run = _section("run", merged.get("run", {}), RunSection(), _keys(RunSection, ()), from_file.get("run", set()))
-    teacher = _section("teacher", merged.get("teacher", {}), TeacherSection(), ["checkpoint"], from_file.get("teacher", set()))
+    teacher = _section(
+        "teacher", merged.get("teacher", {}), TeacherSection(), ["checkpoint"], from_file.get("teacher", set())
+    )
     raw_synthesis = dict(merged.get("synthesize", {}))
     settings = raw_synthesis.pop("settings", {})
     if not isinstance(settings, dict):
-        raise DfkdError("recipe key synthesize.settings must be a table of method settings (a synthesize.settings section)")
+        raise DfkdError(
+            "recipe key synthesize.settings must be a table of method settings (a synthesize.settings section)"
+        )
     iterations = raw_synthesis.pop("iterations", None)
     synthesis = _section(
-        "synthesize", raw_synthesis, SynthesisConfig(teacher=teacher.checkpoint, device=run.device),
-        _keys(SynthesisConfig, _SYNTHESIS_ELSEWHERE, ("iterations", "settings")), from_file.get("synthesize", set()),
+        "synthesize",
+        raw_synthesis,
+        SynthesisConfig(teacher=teacher.checkpoint, device=run.device),
+        _keys(SynthesisConfig, _SYNTHESIS_ELSEWHERE, ("iterations", "settings")),
+        from_file.get("synthesize", set()),
     )
     synthesis = dataclasses.replace(synthesis, method_settings=_method_settings(synthesis.method, settings, iterations))
-    evaluate = _section("evaluate", merged.get("evaluate", {}), EvaluateSection(), _keys(EvaluateSection, ()), from_file.get("evaluate", set()))
-    distill = _section(
-        "distill", merged.get("distill", {}),
-        DistillConfig(teacher=teacher.checkpoint, device=run.device, eval_data=evaluate.data, eval_every=evaluate.every),
-        _keys(DistillConfig, _DISTILL_ELSEWHERE), from_file.get("distill", set()),
+    evaluate = _section(
+        "evaluate",
+        merged.get("evaluate", {}),
+        EvaluateSection(),
+        _keys(EvaluateSection, ()),
+        from_file.get("evaluate", set()),
     )
-    carbon = _section("carbon", merged.get("carbon", {}), CarbonConfig(), _keys(CarbonConfig, ()), from_file.get("carbon", set()))
+    distill = _section(
+        "distill",
+        merged.get("distill", {}),
+        DistillConfig(
+            teacher=teacher.checkpoint, device=run.device, eval_data=evaluate.data, eval_every=evaluate.every
+        ),
+        _keys(DistillConfig, _DISTILL_ELSEWHERE),
+        from_file.get("distill", set()),
+    )
+    carbon = _section(
+        "carbon", merged.get("carbon", {}), CarbonConfig(), _keys(CarbonConfig, ()), from_file.get("carbon", set())
+    )
     return Recipe(name, run, teacher, synthesis, distill, evaluate, carbon)
 
 

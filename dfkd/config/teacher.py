@@ -36,7 +36,9 @@ class TeacherConfig:
         if self.train_subset < 0:
             raise ValueError("train_subset must be >= 0 (0 = the whole training split)")
         if 0 < self.train_subset < self.batch_size:
-            raise ValueError(f"train_subset {self.train_subset} is smaller than one batch of {self.batch_size}: lower --batch-size")
+            raise ValueError(
+                f"train_subset {self.train_subset} is smaller than one batch of {self.batch_size}: lower --batch-size"
+            )
 
     @property
     def scaled_lr(self) -> float:

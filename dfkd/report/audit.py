@@ -90,16 +90,22 @@ def _ledger_problems(run: Path) -> list[str]:
     return [f"carbon.jsonl {problem}" for problem in verify_ledger(ledger)]
 
 
-def _ledger_head_problems(manifest: dict[str, Any], records: list[tuple[int, dict[str, Any]]]) -> list[str]:
+def _ledger_head_problems(manifest: Manifest, records: list[tuple[int, dict[str, Any]]]) -> list[str]:
     """The record the manifest pins (the last one when a stage ended) must still be in the ledger, unchanged."""
     head = manifest.get("ledger_head")
     if head is None:
         return []
     pinned = next((record for _, record in records if record.get("seq") == head["seq"]), None)
     if pinned is None:
-        return [f"carbon.jsonl: manifest.json pins record seq {head['seq']}, which the ledger no longer holds (records cut from its end)"]
+        return [
+            f"carbon.jsonl: manifest.json pins record seq {head['seq']}, which the ledger no longer holds "
+            "(records cut from its end)"
+        ]
     if pinned.get("record_sha256") != head["record_sha256"]:
-        return [f"carbon.jsonl: record seq {head['seq']} differs from the one manifest.json pins (sha256 {head['record_sha256'][:12]})"]
+        return [
+            f"carbon.jsonl: record seq {head['seq']} differs from the one manifest.json pins "
+            f"(sha256 {head['record_sha256'][:12]})"
+        ]
     return []
 
 
@@ -110,9 +116,16 @@ def _record_problems(records: list[tuple[int, dict[str, Any]]]) -> list[str]:
         try:
             energy, with_pue, pue = record["energy_kwh"], record["energy_kwh_with_pue"], record["pue"]
             parts = [energy[part] for part in ("cpu", "gpu", "ram")]
-            checks = [("energy_kwh.total", energy["total"], None if None in parts else math.fsum(parts), "cpu + gpu + ram")]
+            checks = [
+                ("energy_kwh.total", energy["total"], None if None in parts else math.fsum(parts), "cpu + gpu + ram")
+            ]
             checks += [
-                (f"energy_kwh_with_pue.{part}", with_pue[part], None if energy[part] is None else energy[part] * pue, f"energy_kwh.{part} x PUE")
+                (
+                    f"energy_kwh_with_pue.{part}",
+                    with_pue[part],
+                    None if energy[part] is None else energy[part] * pue,
+                    f"energy_kwh.{part} x PUE",
+                )
                 for part in ENERGY_PARTS
             ]
             intensity = record["carbon_intensity_g_per_kwh"]
@@ -122,8 +135,10 @@ def _record_problems(records: list[tuple[int, dict[str, Any]]]) -> list[str]:
             problems.append(f"carbon.jsonl line {line}: lacks the energy fields of a ledger record")
             continue
         problems += [
-            f"carbon.jsonl line {line} ({record.get('stage')}): {field} is {short(stated)}, but {how} gives {short(expected)}"
-            for field, stated, expected, how in checks if not _same(stated, expected)
+            f"carbon.jsonl line {line} ({record.get('stage')}): {field} is {short(stated)}, "
+            f"but {how} gives {short(expected)}"
+            for field, stated, expected, how in checks
+            if not _same(stated, expected)
         ]
     return problems
 
@@ -140,7 +155,9 @@ def _sum_problems(place: str, totals: dict[str, Any], records: list[dict[str, An
         "unmetered": sum(r["energy_kwh"]["total"] is None for r in records),
         "duration_s": math.fsum(r["duration_s"] for r in records),
         **{f"energy_kwh.{p}": _known_sum([r["energy_kwh"][p] for r in records]) for p in ENERGY_PARTS},
-        **{f"energy_kwh_with_pue.{p}": _known_sum([r["energy_kwh_with_pue"][p] for r in records]) for p in ENERGY_PARTS},
+        **{
+            f"energy_kwh_with_pue.{p}": _known_sum([r["energy_kwh_with_pue"][p] for r in records]) for p in ENERGY_PARTS
+        },
         "co2eq_g": _known_sum([r["co2eq_g"] for r in records]),
         "flops": _known_sum([r["flops"] for r in records]),
     }
@@ -151,7 +168,8 @@ def _sum_problems(place: str, totals: dict[str, Any], records: list[dict[str, An
     }
     return [
         f"report {place}.{key}: {short(stated[key])}, but the ledger's records sum to {short(expected[key])}"
-        for key in expected if not _same(stated[key], expected[key])
+        for key in expected
+        if not _same(stated[key], expected[key])
     ]
 
 
@@ -171,7 +189,9 @@ def _differences(place: str, saved: Any, fresh: Any) -> list[str]:
         if len(saved) != len(fresh):
             return [f"{place}: {len(saved)} entries in the report, {len(fresh)} derived from the run"]
         return [problem for i, pair in enumerate(zip(saved, fresh)) for problem in _differences(f"{place}[{i}]", *pair)]
-    return [] if _same(saved, fresh) else [f"{place}: {short(saved)} in the report, {short(fresh)} derived from the run"]
+    return (
+        [] if _same(saved, fresh) else [f"{place}: {short(saved)} in the report, {short(fresh)} derived from the run"]
+    )
 
 
 def _saved_report_problems(report: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
@@ -184,7 +204,9 @@ def _saved_report_problems(report: dict[str, Any], fresh: dict[str, Any]) -> lis
         return [f"report: has no section for run {fresh['name']}"]
     saved = matching[0]
     found = _differences(
-        f"report runs[{saved.get('name')}]", {key: saved.get(key) for key in DERIVED}, {key: fresh[key] for key in DERIVED}
+        f"report runs[{saved.get('name')}]",
+        {key: saved.get(key) for key in DERIVED},
+        {key: fresh[key] for key in DERIVED},
     )
     extra = len(found) - MAX_REPORT_DIFFERENCES
     return found[:MAX_REPORT_DIFFERENCES] + ([f"report: ... and {extra} more differences"] if extra > 0 else [])
@@ -197,9 +219,13 @@ def _totals_problems(run: Path, records: list[dict[str, Any]], report: dict[str,
         return [f"report: cannot be built from this run ({exc})"]
     try:
         problems = _sum_problems("totals", fresh["totals"], records)
-        problems += _sum_problems("interrupted", fresh["interrupted"], [r for r in records if r["status"] != "complete"])
+        problems += _sum_problems(
+            "interrupted", fresh["interrupted"], [r for r in records if r["status"] != "complete"]
+        )
         for phase in PHASES:
-            problems += _sum_problems(f"phases.{phase}", fresh["phases"][phase], [r for r in records if phase_of(r["stage"]) == phase])
+            problems += _sum_problems(
+                f"phases.{phase}", fresh["phases"][phase], [r for r in records if phase_of(r["stage"]) == phase]
+            )
     except (KeyError, TypeError):
         problems = ["carbon.jsonl: records lack the fields a ledger record has, so the totals cannot be re-summed"]
     return problems + (_saved_report_problems(report, fresh) if report is not None else [])
@@ -214,7 +240,8 @@ def _pending_problems(run: Path) -> list[str]:
         except (OSError, json.JSONDecodeError, AttributeError):
             stage = "?"
         problems.append(
-            f"{path.name}: stage {stage} is running or was killed; its energy is not in the ledger until the next stage on this run records it"
+            f"{path.name}: stage {stage} is running or was killed; its energy is not in the ledger until the next "
+            "stage on this run records it"
         )
     return problems
 
@@ -237,6 +264,8 @@ def audit_run(run: Path, report: dict[str, Any] | None = None) -> list[str]:
     try:
         problems += manifest_problems(manifest, numbered, run)
     except (KeyError, TypeError, AttributeError):
-        problems.append("carbon.jsonl: records lack the fields a ledger record has, so the manifest cannot be checked against them")
+        problems.append(
+            "carbon.jsonl: records lack the fields a ledger record has, so the manifest cannot be checked against them"
+        )
     problems += _pending_problems(run)
     return problems + _totals_problems(run, records, report)

@@ -8,8 +8,10 @@ compares the manifest with the last complete ledger record that produced what it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from safetensors import safe_open
 
@@ -40,8 +42,10 @@ def _compare(place: str, stated: Any, recorded: Any, line: int) -> list[str]:
     if isinstance(stated, dict) and isinstance(recorded, dict):
         keys = sorted(set(stated) | set(recorded))
         return [
-            f"manifest.json {place}.{key}: {short(stated.get(key))} but ledger line {line} records {short(recorded.get(key))}"
-            for key in keys if stated.get(key) != recorded.get(key)
+            f"manifest.json {place}.{key}: {short(stated.get(key))} "
+            f"but ledger line {line} records {short(recorded.get(key))}"
+            for key in keys
+            if stated.get(key) != recorded.get(key)
         ]
     return [f"manifest.json {place}: {short(stated)} but ledger line {line} records {short(recorded)}"]
 
@@ -51,7 +55,8 @@ def _named_outputs(record: Record, artifacts: dict[str, Any]) -> list[str]:
     line, content = record
     return [
         f"manifest.json artifacts: lacks {content['result'][key]}, which ledger line {line} names as its {key}"
-        for key in _NAMED_OUTPUTS if isinstance(content["result"].get(key), str) and content["result"][key] not in artifacts
+        for key in _NAMED_OUTPUTS
+        if isinstance(content["result"].get(key), str) and content["result"][key] not in artifacts
     ]
 
 
@@ -60,12 +65,16 @@ def _without_test_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in result.items() if key != "test_metrics"}
 
 
-def _shard_problems(section: dict[str, Any], artifacts: dict[str, Any], run_root: Path) -> list[str]:
+def _shard_problems(section: SynthesisSection, artifacts: dict[str, Any], run_root: Path) -> list[str]:
     """Every listed shard carries the manifest's config hash and teacher hash in its own metadata."""
     problems = []
-    shards = sorted(path for path, entry in artifacts.items() if isinstance(entry, dict) and entry.get("role") == "shard")
+    shards = sorted(
+        path for path, entry in artifacts.items() if isinstance(entry, dict) and entry.get("role") == "shard"
+    )
     if section.get("shards") is not None and len(shards) != section["shards"]:
-        problems.append(f"manifest.json stages.synthesis.shards: {section['shards']} but artifacts list {len(shards)} shards")
+        problems.append(
+            f"manifest.json stages.synthesis.shards: {section['shards']} but artifacts list {len(shards)} shards"
+        )
     expected = {"config_hash": section.get("config_hash"), "teacher_sha256": section.get("teacher", {}).get("sha256")}
     for path in shards:
         try:
@@ -76,12 +85,13 @@ def _shard_problems(section: dict[str, Any], artifacts: dict[str, Any], run_root
             continue
         problems += [
             f"{path}: its metadata {key} {short(metadata.get(key))} differs from manifest.json's {short(value)}"
-            for key, value in expected.items() if metadata.get(key) != value
+            for key, value in expected.items()
+            if metadata.get(key) != value
         ]
     return problems
 
 
-def _synthesis_problems(section: dict[str, Any], records: list[Record], artifacts: dict[str, Any]) -> list[str]:
+def _synthesis_problems(section: SynthesisSection, records: list[Record], artifacts: dict[str, Any]) -> list[str]:
     if "quality" not in section:
         return []  # started, not finished: the manifest states no result yet
     found = _last(records, lambda r: r.get("stage") == "synthesis")
@@ -92,50 +102,74 @@ def _synthesis_problems(section: dict[str, Any], records: list[Record], artifact
     return [
         *_compare("stages.synthesis.quality", section["quality"], record["result"].get("quality"), line),
         *_compare("stages.synthesis.shards", section.get("shards"), record["result"].get("shards"), line),
-        *[problem for key in ("method", "num_images", "batch_size")
-          for problem in _compare(f"stages.synthesis.config.{key}", config.get(key), info.get(key), line)],
-        *_compare("stages.synthesis.method_config.iterations", section.get("method_config", {}).get("iterations"),
-                  record["work"].get("iterations"), line),
+        *[
+            problem
+            for key in ("method", "num_images", "batch_size")
+            for problem in _compare(f"stages.synthesis.config.{key}", config.get(key), info.get(key), line)
+        ],
+        *_compare(
+            "stages.synthesis.method_config.iterations",
+            section.get("method_config", {}).get("iterations"),
+            record["work"].get("iterations"),
+            line,
+        ),
         *_named_outputs(found, artifacts),
     ]
 
 
-def _identity_problems(section: dict[str, Any]) -> list[str]:
+def _identity_problems(section: DistillationSection) -> list[str]:
     """The distillation config must still hash to the identity recorded beside it (and in every resume state)."""
     config = dict(section.get("config", {}))
     try:
-        identity = DistillConfig(**{**config, "tau_range": tuple(config.get("tau_range", ()))}).identity(section.get("identity_source", ""))
+        identity = DistillConfig(**{**config, "tau_range": tuple(config.get("tau_range", ()))}).identity(
+            section.get("identity_source", "")
+        )
     except (TypeError, ValueError, DfkdError) as exc:
         return [f"manifest.json stages.distillation.config: not a valid distillation config ({exc})"]
     if identity != section.get("identity"):
-        return ["manifest.json stages.distillation.config: no longer hashes to its recorded identity (the config or the identity was edited)"]
+        return [
+            "manifest.json stages.distillation.config: no longer hashes to its recorded identity "
+            "(the config or the identity was edited)"
+        ]
     return []
 
 
-def _distillation_problems(section: dict[str, Any], records: list[Record], artifacts: dict[str, Any]) -> list[str]:
+def _is_trial(record: dict[str, Any], trial: str) -> bool:
+    return phase_of(str(record.get("stage"))) == "compression" and record.get("info", {}).get("trial") == trial
+
+
+def _distillation_problems(section: DistillationSection, records: list[Record], artifacts: dict[str, Any]) -> list[str]:
     problems = _identity_problems(section)
     config = section.get("config", {})
     for trial, stated in section.get("trials", {}).items():
-        found = _last(records, lambda r, t=trial: phase_of(str(r.get("stage"))) == "compression" and r.get("info", {}).get("trial") == t)
+        found = _last(records, partial(_is_trial, trial=trial))
         if found is None:
-            problems.append(f"manifest.json stages.distillation.trials[{trial}]: the ledger has no complete record of this trial")
+            problems.append(
+                f"manifest.json stages.distillation.trials[{trial}]: the ledger has no complete record of this trial"
+            )
             continue
         line, record = found
-        problems += _compare(f"stages.distillation.trials[{trial}]", stated, _without_test_metrics(record["result"]), line)
+        problems += _compare(
+            f"stages.distillation.trials[{trial}]", stated, _without_test_metrics(record["result"]), line
+        )
         for key in ("student", "loss", "tau_per"):
             problems += _compare(f"stages.distillation.config.{key}", config.get(key), record["info"].get(key), line)
-        problems += _compare("stages.distillation.config.epochs", config.get("epochs"), record["work"].get("epochs"), line)
+        problems += _compare(
+            "stages.distillation.config.epochs", config.get("epochs"), record["work"].get("epochs"), line
+        )
         problems += _named_outputs(found, artifacts)
     if "result" in section:
         found = _last(records, lambda r: phase_of(str(r.get("stage"))) == "compression")
         if found is None:
             problems.append("manifest.json stages.distillation.result: the ledger has no complete distillation record")
         else:
-            problems += _compare("stages.distillation.result", section["result"], _without_test_metrics(found[1]["result"]), found[0])
+            problems += _compare(
+                "stages.distillation.result", section["result"], _without_test_metrics(found[1]["result"]), found[0]
+            )
     return problems
 
 
-def manifest_problems(manifest: dict[str, Any], records: list[Record], run_root: Path) -> list[str]:
+def manifest_problems(manifest: Manifest, records: list[Record], run_root: Path) -> list[str]:
     """Where the manifest's stage sections disagree with the ledger or with the shards' own metadata."""
     stages, artifacts = manifest.get("stages", {}), manifest.get("artifacts", {})
     problems = []

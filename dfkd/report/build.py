@@ -13,7 +13,7 @@ import json
 from importlib import metadata
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from dfkd.carbon.ledger import LEDGER_FILE, read_ledger, verify_ledger
 from dfkd.errors import DfkdError
@@ -164,11 +164,9 @@ def _rows(ledger: Path, run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _config(manifest: dict[str, Any]) -> dict[str, Any]:
-    stages = {
-        name: {key: content[key] for key in CONFIG_KEYS if key in content}
-        for name, content in manifest.get("stages", {}).items()
-    }
+def _config(manifest: Manifest) -> dict[str, Any]:
+    sections = cast(dict[str, dict[str, Any]], manifest.get("stages", {}))
+    stages = {name: {key: content[key] for key in CONFIG_KEYS if key in content} for name, content in sections.items()}
     return {"carbon": manifest.get("carbon"), "stages": stages}
 
 
@@ -184,7 +182,9 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
     run = Path(run)
     ledger = run / LEDGER_FILE
     if not run.is_dir() or not ((run / MANIFEST_FILE).exists() or ledger.exists()):
-        raise DfkdError(f"{run} is not a dfkd run dir (no manifest.json or carbon.jsonl): pass a directory given as --run")
+        raise DfkdError(
+            f"{run} is not a dfkd run dir (no manifest.json or carbon.jsonl): pass a directory given as --run"
+        )
     manifest: Manifest = load_manifest(run / MANIFEST_FILE) or {}
     rows = _rows(ledger, run)
     problems = verify_ledger(ledger)
@@ -229,7 +229,9 @@ def _group(entry: dict[str, Any], rows: list[dict[str, Any]], outcome: dict[str,
         "totals": sum_rows(rows),
         "result": outcome["result"] if outcome else None,
         "synthetic_set": entry["config"]["stages"].get("synthesis", {}).get("config_hash"),
-        "settings": sorted({f"{r['info']['student']} / {r['info'].get('loss')}" for r in rows if "student" in r["info"]}),
+        "settings": sorted(
+            {f"{r['info']['student']} / {r['info'].get('loss')}" for r in rows if "student" in r["info"]}
+        ),
     }
 
 
@@ -272,7 +274,9 @@ def _compare(grid: dict[str, Any], stochastic: dict[str, Any]) -> dict[str, Any]
                     "data was given); it is not test accuracy"
                 )
         else:
-            notes.append("the two students were scored differently (test accuracy vs. agreement), so they are not compared")
+            notes.append(
+                "the two students were scored differently (test accuracy vs. agreement), so they are not compared"
+            )
     if grid["synthetic_set"] != stochastic["synthetic_set"]:
         notes.append("the two students were trained on different synthetic sets")
     if grid["settings"] != stochastic["settings"]:
@@ -281,7 +285,9 @@ def _compare(grid: dict[str, Any], stochastic: dict[str, Any]) -> dict[str, Any]
         "grid": grid,
         "stochastic": stochastic,
         "basis": COMPARISON_BASIS,
-        "energy_ratio": _ratio(spent["energy_kwh_with_pue"]["total"], baseline["energy_kwh_with_pue"]["total"]) if metered else None,
+        "energy_ratio": _ratio(spent["energy_kwh_with_pue"]["total"], baseline["energy_kwh_with_pue"]["total"])
+        if metered
+        else None,
         "co2_ratio": _ratio(spent["co2eq_g"], baseline["co2eq_g"]) if metered else None,
         "accuracy_metric": metric,
         "accuracy_difference_pp": difference,
@@ -323,8 +329,12 @@ def load_report(path: Path) -> dict[str, Any]:
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise DfkdError(f"report {path} is unreadable ({exc}): pass a file written by `dfkd report --format json`") from None
+        raise DfkdError(
+            f"report {path} is unreadable ({exc}): pass a file written by `dfkd report --format json`"
+        ) from None
     if not isinstance(report, dict) or report.get("schema") != REPORT_SCHEMA:
         found = report.get("schema") if isinstance(report, dict) else None
-        raise DfkdError(f"report {path} has schema {found!r}, not {REPORT_SCHEMA}: write it again with `dfkd report --format json`")
+        raise DfkdError(
+            f"report {path} has schema {found!r}, not {REPORT_SCHEMA}: write it again with `dfkd report --format json`"
+        )
     return report

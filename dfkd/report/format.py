@@ -11,21 +11,67 @@ from typing import Any
 
 NOT_METERED = "not metered"
 STAGE_HEADERS = (
-    "seq", "stage", "status", "method", "τ", "device", "start (UTC)", "duration", "CPU kWh", "GPU kWh",
-    "RAM kWh", "PUE", "kWh with PUE", "gCO2eq/kWh", "CO2eq g", "FLOPs", "throughput", "result",
+    "seq",
+    "stage",
+    "status",
+    "method",
+    "τ",
+    "device",
+    "start (UTC)",
+    "duration",
+    "CPU kWh",
+    "GPU kWh",
+    "RAM kWh",
+    "PUE",
+    "kWh with PUE",
+    "gCO2eq/kWh",
+    "CO2eq g",
+    "FLOPs",
+    "throughput",
+    "result",
 )
 # The terminal splits a record's cells into two tables that fit its width: the work, then the energy.
 WORK_COLUMNS = (0, 1, 2, 3, 4, 5, 6, 7, 16, 17)
 ENERGY_COLUMNS = (0, 1, 8, 9, 10, 11, 12, 13, 14, 15)
-TOTAL_HEADERS = ("part", "records", "interrupted", "duration", "CPU kWh", "GPU kWh", "RAM kWh", "kWh with PUE", "CO2eq g", "FLOPs")
+TOTAL_HEADERS = (
+    "part",
+    "records",
+    "interrupted",
+    "duration",
+    "CPU kWh",
+    "GPU kWh",
+    "RAM kWh",
+    "kWh with PUE",
+    "CO2eq g",
+    "FLOPs",
+)
 COMPARISON_HEADERS = (
-    "grid run", "stochastic run", "grid kWh with PUE", "stochastic kWh with PUE", "energy ratio", "CO2 ratio",
-    "grid result", "stochastic result", "difference",
+    "grid run",
+    "stochastic run",
+    "grid kWh with PUE",
+    "stochastic kWh with PUE",
+    "energy ratio",
+    "CO2 ratio",
+    "grid result",
+    "stochastic result",
+    "difference",
 )
 ARTIFACT_HEADERS = ("artifact", "stage", "role", "bytes", "sha256")
-OVERVIEW_HEADERS = ("run", "stages", "generation kWh with PUE", "compression kWh with PUE", "total kWh with PUE", "CO2eq g", "results")
+OVERVIEW_HEADERS = (
+    "run",
+    "stages",
+    "generation kWh with PUE",
+    "compression kWh with PUE",
+    "total kWh with PUE",
+    "CO2eq g",
+    "results",
+)
 _SI = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
-_METRIC_NAMES = {"target_agreement": "target agreement", "test_acc": "test accuracy", "holdout_agreement": "held-out agreement"}
+_METRIC_NAMES = {
+    "target_agreement": "target agreement",
+    "test_acc": "test accuracy",
+    "holdout_agreement": "held-out agreement",
+}
 
 
 def number(value: float | None) -> str:
@@ -88,22 +134,40 @@ def stage_cells(row: dict[str, Any]) -> list[str]:
     status = row["status"] if row["status"] == "complete" else f"{row['status'].upper()}: {row['error']}"
     throughput = row["throughput"]
     return [
-        str(row["seq"]), row["stage"], status, row["method"] or "-",
+        str(row["seq"]),
+        row["stage"],
+        status,
+        row["method"] or "-",
         _tau(row),
         row["device"] if not row["device_model"] else f"{row['device']} ({row['device_model']})",
-        row["start_utc"][:19].replace("T", " "), duration(row["duration_s"]),
-        number(energy["cpu"]), number(energy["gpu"]), number(energy["ram"]), f"{row['pue']:g}",
-        number(with_pue["total"]), f"{row['carbon_intensity_g_per_kwh']:.4g}", number(row["co2eq_g"]),
-        "not counted" if row["flops"] is None else si(row["flops"]), f"{si(throughput['value'])} {throughput['unit']}" if throughput else "-", result(row["result"]),
+        row["start_utc"][:19].replace("T", " "),
+        duration(row["duration_s"]),
+        number(energy["cpu"]),
+        number(energy["gpu"]),
+        number(energy["ram"]),
+        f"{row['pue']:g}",
+        number(with_pue["total"]),
+        f"{row['carbon_intensity_g_per_kwh']:.4g}",
+        number(row["co2eq_g"]),
+        "not counted" if row["flops"] is None else si(row["flops"]),
+        f"{si(throughput['value'])} {throughput['unit']}" if throughput else "-",
+        result(row["result"]),
     ]
 
 
 def total_cells(label: str, totals: dict[str, Any]) -> list[str]:
     """A sum of records as the cells under TOTAL_HEADERS."""
     return [
-        label, str(totals["records"]), str(totals["interrupted"]), duration(totals["duration_s"]),
-        total(totals, "energy_kwh", "cpu"), total(totals, "energy_kwh", "gpu"), total(totals, "energy_kwh", "ram"),
-        total(totals, "energy_kwh_with_pue", "total"), total(totals, "co2eq_g"), total(totals, "flops"),
+        label,
+        str(totals["records"]),
+        str(totals["interrupted"]),
+        duration(totals["duration_s"]),
+        total(totals, "energy_kwh", "cpu"),
+        total(totals, "energy_kwh", "gpu"),
+        total(totals, "energy_kwh", "ram"),
+        total(totals, "energy_kwh_with_pue", "total"),
+        total(totals, "co2eq_g"),
+        total(totals, "flops"),
     ]
 
 
@@ -120,10 +184,14 @@ def comparison_cells(comparison: dict[str, Any]) -> list[str]:
     grid, stochastic = comparison["grid"], comparison["stochastic"]
     difference = comparison["accuracy_difference_pp"]
     return [
-        f"{grid['run']} ({len(grid['stages'])} records)", f"{stochastic['run']} ({len(stochastic['stages'])} records)",
-        total(grid["totals"], "energy_kwh_with_pue", "total"), total(stochastic["totals"], "energy_kwh_with_pue", "total"),
-        ratio(comparison["energy_ratio"]), ratio(comparison["co2_ratio"]),
-        result(grid["result"]), result(stochastic["result"]),
+        f"{grid['run']} ({len(grid['stages'])} records)",
+        f"{stochastic['run']} ({len(stochastic['stages'])} records)",
+        total(grid["totals"], "energy_kwh_with_pue", "total"),
+        total(stochastic["totals"], "energy_kwh_with_pue", "total"),
+        ratio(comparison["energy_ratio"]),
+        ratio(comparison["co2_ratio"]),
+        result(grid["result"]),
+        result(stochastic["result"]),
         "-" if difference is None else f"{difference:+.2f} pp (stochastic - grid)",
     ]
 
@@ -141,11 +209,16 @@ def overview_cells(run: dict[str, Any]) -> list[str]:
     """One run in the side-by-side overview: what ran (records per kind), its split, and each kind's last result."""
     phases, rows = run["phases"], run["rows"]
     counts = Counter(_label(r) for r in rows)
-    finished = {_label(r): r["result"] for r in rows if r["result"] and r["status"] == "complete" and r["tau_mode"] != "grid"}
+    finished = {
+        _label(r): r["result"] for r in rows if r["result"] and r["status"] == "complete" and r["tau_mode"] != "grid"
+    }
     return [
-        run["name"], ", ".join(f"{label} x{n}" if n > 1 else label for label, n in counts.items()) or "-",
-        total(phases["generation"], "energy_kwh_with_pue", "total"), total(phases["compression"], "energy_kwh_with_pue", "total"),
-        total(run["totals"], "energy_kwh_with_pue", "total"), total(run["totals"], "co2eq_g"),
+        run["name"],
+        ", ".join(f"{label} x{n}" if n > 1 else label for label, n in counts.items()) or "-",
+        total(phases["generation"], "energy_kwh_with_pue", "total"),
+        total(phases["compression"], "energy_kwh_with_pue", "total"),
+        total(run["totals"], "energy_kwh_with_pue", "total"),
+        total(run["totals"], "co2eq_g"),
         "; ".join(f"{label}: {result(found)}" for label, found in finished.items()) or "-",
     ]
 

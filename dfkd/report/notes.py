@@ -14,19 +14,45 @@ from typing import Any
 # (figure, start of the meter's label, plain words); the first match wins.
 _PLAIN: tuple[tuple[str, str, str], ...] = (
     ("CPU energy", "RAPL counter", "measured: the CPU's own energy counter (RAPL), read by codecarbon"),
-    ("CPU energy", "TDP x load estimate", "estimated, not measured: codecarbon multiplies the CPU's rated power (TDP) by its load"),
-    ("CPU energy", "constant estimate", "rough estimate: codecarbon assumes the CPU draws half its rated power (TDP) throughout"),
+    (
+        "CPU energy",
+        "TDP x load estimate",
+        "estimated, not measured: codecarbon multiplies the CPU's rated power (TDP) by its load",
+    ),
+    (
+        "CPU energy",
+        "constant estimate",
+        "rough estimate: codecarbon assumes the CPU draws half its rated power (TDP) throughout",
+    ),
     ("CPU energy", "not measured", "not measured: the figure is missing"),
     ("GPU energy", "NVML total-energy counter", "measured: the GPU's own cumulative energy counter (NVML)"),
-    ("GPU energy", "codecarbon's GPU figure", "codecarbon's figure from sampled GPU power, because the GPU's energy counter could not be read"),
+    (
+        "GPU energy",
+        "codecarbon's GPU figure",
+        "codecarbon's figure from sampled GPU power, because the GPU's energy counter could not be read",
+    ),
     ("GPU energy", "no GPU used", "no GPU was used: zero by definition"),
-    ("RAM energy", "fixed estimate", "estimated, not measured: codecarbon's fixed power per memory module times the duration"),
+    (
+        "RAM energy",
+        "fixed estimate",
+        "estimated, not measured: codecarbon's fixed power per memory module times the duration",
+    ),
     ("RAM energy", "not measured", "not measured: the figure is missing"),
-    ("FLOPs", "counted by torch.utils.flop_counter", "counted: torch's FLOP counter on one representative step, times the number of steps"),
+    (
+        "FLOPs",
+        "counted by torch.utils.flop_counter",
+        "counted: torch's FLOP counter on one representative step, times the number of steps",
+    ),
     ("FLOPs", "not counted", "not counted for this stage"),
     ("carbon intensity", "given by the user", "given by the user (--grid-intensity), not looked up from a grid table"),
 )
-_FIGURES = (("CPU energy", "cpu"), ("GPU energy", "gpu"), ("RAM energy", "ram"), ("FLOPs", "flops"), ("carbon intensity", "carbon_intensity"))
+_FIGURES = (
+    ("CPU energy", "cpu"),
+    ("GPU energy", "gpu"),
+    ("RAM energy", "ram"),
+    ("FLOPs", "flops"),
+    ("carbon intensity", "carbon_intensity"),
+)
 
 
 def plain_words(figure: str, source: str) -> str:
@@ -36,7 +62,10 @@ def plain_words(figure: str, source: str) -> str:
             return plain
     mix = re.match(r"codecarbon offline energy mix, \w+ \((.+)\)", source)
     if figure == "carbon intensity" and mix:
-        return f"the yearly average of {mix.group(1)}'s electricity mix (codecarbon's offline table), not the grid at the hour the stage ran"
+        return (
+            f"the yearly average of {mix.group(1)}'s electricity mix (codecarbon's offline table), "
+            "not the grid at the hour the stage ran"
+        )
     if "(measured by codecarbon" in source:
         return f"measured by a power sensor, read by codecarbon ({source})"
     return f"as the meter labelled it: {source}"
@@ -69,7 +98,11 @@ def caveats(rows: list[dict[str, Any]], ledger_problems: list[str]) -> list[str]
             f"{len(unmetered)} record(s) have no energy figure because metering failed "
             f"({_stages(unmetered)}): every total is a lower bound and says how many records it lacks."
         )
-    notes += [f"{r['stage']} (ledger seq {r['seq']}): metering problem: {failure}" for r in rows for failure in r["metering_failures"]]
+    notes += [
+        f"{r['stage']} (ledger seq {r['seq']}): metering problem: {failure}"
+        for r in rows
+        for failure in r["metering_failures"]
+    ]
     interrupted = [r for r in rows if r["status"] != "complete"]
     if interrupted:
         notes.append(
@@ -78,11 +111,15 @@ def caveats(rows: list[dict[str, Any]], ledger_problems: list[str]) -> list[str]
             "last seconds are missing."
         )
     if any("whole machine" in str(r["sources"].get(part)) for r in rows for part in ("cpu", "ram")):
-        notes.append("CPU and RAM figures cover the whole machine, not only dfkd: anything else running at the same time is counted too.")
+        notes.append(
+            "CPU and RAM figures cover the whole machine, not only dfkd: "
+            "anything else running at the same time is counted too."
+        )
     pues = sorted({r["pue"] for r in rows})
     if pues:
         notes.append(
-            f"'with PUE' multiplies the energy by the PUE ({', '.join(f'{p:g}' for p in pues)}), an assumed data-centre "
+            f"'with PUE' multiplies the energy by the PUE ({', '.join(f'{p:g}' for p in pues)}), "
+            "an assumed data-centre "
             "overhead, not a measurement; CO2eq is computed from the energy with PUE."
         )
     if any(r["flops"] is not None for r in rows):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -19,8 +20,8 @@ from dfkd.errors import DfkdError
 from dfkd.report.format import (
     ARTIFACT_HEADERS,
     COMPARISON_HEADERS,
-    OVERVIEW_HEADERS,
     ENERGY_COLUMNS,
+    OVERVIEW_HEADERS,
     STAGE_HEADERS,
     TOTAL_HEADERS,
     WORK_COLUMNS,
@@ -32,6 +33,8 @@ from dfkd.report.format import (
 )
 
 FORMATS = ("table", "json", "markdown", "html")
+
+
 def _rich_table(title: str, headers: Sequence[str], rows: list[list[str]], highlight: str = "INTERRUPTED") -> Table:
     """A table whose cells are plain text (a stage named `distillation[tau=2]` is not rich markup)."""
     table = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
@@ -56,8 +59,12 @@ def _run_renderables(run: dict[str, Any]) -> list[RenderableType]:
     return [
         header,
         _rich_table("stages: the work", [STAGE_HEADERS[i] for i in WORK_COLUMNS], _columns(cells, WORK_COLUMNS)),
-        _rich_table("stages: energy and carbon", [STAGE_HEADERS[i] for i in ENERGY_COLUMNS], _columns(cells, ENERGY_COLUMNS)),
-        _rich_table("totals (kWh without PUE per part; CO2eq from the energy with PUE)", TOTAL_HEADERS, totals_rows(run)),
+        _rich_table(
+            "stages: energy and carbon", [STAGE_HEADERS[i] for i in ENERGY_COLUMNS], _columns(cells, ENERGY_COLUMNS)
+        ),
+        _rich_table(
+            "totals (kWh without PUE per part; CO2eq from the energy with PUE)", TOTAL_HEADERS, totals_rows(run)
+        ),
         _rich_table("how each figure was obtained", ("figure", "how", "stages"), how, highlight="not measured"),
         Text("caveats:\n" + "\n".join(f"  - {note}" for note in run["caveats"])),
     ]
@@ -68,17 +75,26 @@ def _comparison_renderables(report: dict[str, Any]) -> list[RenderableType]:
         return []
     table = _rich_table(
         "grid-tuned vs stochastic τ (" + report["comparisons"][0]["basis"] + ")",
-        COMPARISON_HEADERS, [comparison_cells(c) for c in report["comparisons"]],
+        COMPARISON_HEADERS,
+        [comparison_cells(c) for c in report["comparisons"]],
     )
-    notes = [f"  - {c['grid']['run']} vs {c['stochastic']['run']}: {note}" for c in report["comparisons"] for note in c["notes"]]
+    notes = [
+        f"  - {c['grid']['run']} vs {c['stochastic']['run']}: {note}"
+        for c in report["comparisons"]
+        for note in c["notes"]
+    ]
     return [table, Text("\n".join(notes))] if notes else [table]
 
 
 def render_table(report: dict[str, Any]) -> RenderableType:
     """The report for a terminal: per run its stages, totals, provenance and caveats; then the comparisons."""
-    parts: list[RenderableType] = [Text(f"dfkd carbon report ({report['schema']}, {report['generated_utc']})", style="bold")]
+    parts: list[RenderableType] = [
+        Text(f"dfkd carbon report ({report['schema']}, {report['generated_utc']})", style="bold")
+    ]
     if len(report["runs"]) > 1:
-        parts.append(_rich_table("runs side by side", OVERVIEW_HEADERS, [overview_cells(run) for run in report["runs"]]))
+        parts.append(
+            _rich_table("runs side by side", OVERVIEW_HEADERS, [overview_cells(run) for run in report["runs"]])
+        )
     for run in report["runs"]:
         parts += _run_renderables(run)
     return Group(*parts, *_comparison_renderables(report))
@@ -97,12 +113,15 @@ def markdown_table(headers: Sequence[str], rows: list[list[str]]) -> str:
 def _run_markdown(run: dict[str, Any]) -> list[str]:
     ledger, manifest = run["ledger"], run["manifest"]
     problems = [f"- **ledger problem:** {p}" for p in ledger["problems"]]
-    preview = f"Synthetic preview: `{run['path']}/{run['preview']['path']}`" if run["preview"] else "No synthetic preview."
+    preview = (
+        f"Synthetic preview: `{run['path']}/{run['preview']['path']}`" if run["preview"] else "No synthetic preview."
+    )
     return [
         f"## Run `{run['name']}`",
         f"Path `{run['path']}`; ledger `{ledger['file']}` with {ledger['records']} records, "
         f"{'intact' if ledger['intact'] else '**FAILS ITS CHECK**'}, sha256 `{ledger['sha256']}`, "
-        f"last record `{ledger['head_record_sha256']}`; manifest sha256 `{manifest['sha256']}`; git commit `{manifest['git_commit']}`.",
+        f"last record `{ledger['head_record_sha256']}`; manifest sha256 `{manifest['sha256']}`; "
+        f"git commit `{manifest['git_commit']}`.",
         *problems,
         "### Stages (one row per ledger record)",
         markdown_table(STAGE_HEADERS, [stage_cells(r) for r in run["rows"]]),
@@ -134,7 +153,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             "## Grid-tuned vs stochastic τ",
             report["comparisons"][0]["basis"].capitalize() + ".",
             markdown_table(COMPARISON_HEADERS, [comparison_cells(c) for c in report["comparisons"]]),
-            "\n".join(f"- {c['grid']['run']} vs {c['stochastic']['run']}: {n}" for c in report["comparisons"] for n in c["notes"]),
+            "\n".join(
+                f"- {c['grid']['run']} vs {c['stochastic']['run']}: {n}"
+                for c in report["comparisons"]
+                for n in c["notes"]
+            ),
         ]
     for run in report["runs"]:
         parts += _run_markdown(run)

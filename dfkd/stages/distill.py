@@ -15,6 +15,7 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,8 @@ class DistillData:
     train: ImageSet
     holdout: ImageSet
     real_labels: bool
+    teacher_holdout_logits: torch.Tensor
     validation: ImageSet | None = None
-    teacher_holdout_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,7 +92,9 @@ def _resolve_teacher(config: DistillConfig, run: RunDir) -> tuple[Path, str]:
     else:
         raise DfkdError(f"run dir {run.root} records no teacher: pass --teacher or synthesize into this run first")
     if not path.is_file():
-        raise DfkdError(f"teacher {path} does not exist: pass --teacher with the checkpoint the synthetic set was made from")
+        raise DfkdError(
+            f"teacher {path} does not exist: pass --teacher with the checkpoint the synthetic set was made from"
+        )
     digest = sha256_file(path)
     if not config.teacher and recorded.get("sha256") not in (None, digest):
         raise DfkdError(
@@ -121,11 +124,20 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
                 f"the synthetic set has classes up to {int(shards['targets'].max())} but teacher {teacher_path} has "
                 f"{meta.num_classes}: distil from the teacher that made the set"
             )
-        source = ImageSet(shards["images"], shards["targets"], [str(c) for c in range(meta.num_classes)], f"synthetic shards of {run.root}")
+        source = ImageSet(
+            shards["images"],
+            shards["targets"],
+            [str(c) for c in range(meta.num_classes)],
+            f"synthetic shards of {run.root}",
+        )
         real_labels = False
     validation = None
     if config.val_data:
-        val_source = real if config.data and Path(config.val_data).resolve() == Path(config.data).resolve() else load_split(Path(config.val_data), "train")
+        val_source = (
+            real
+            if config.data and Path(config.val_data).resolve() == Path(config.data).resolve()
+            else load_split(Path(config.val_data), "train")
+        )
         check_classes(val_source, meta.num_classes, teacher_path)
         rest, validation = _split_holdout(val_source, config.val_size / len(val_source), config.seed)
         if val_source is source:
@@ -134,19 +146,28 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
         source = source.subset(stratified_subset(source.labels, config.train_subset, config.seed))
     train, holdout = _split_holdout(source, config.holdout, config.seed)
     if len(train) < config.batch_size:
-        raise DfkdError(f"only {len(train)} training images for a batch of {config.batch_size}: lower --batch-size or make more images")
+        raise DfkdError(
+            f"only {len(train)} training images for a batch of {config.batch_size}: "
+            "lower --batch-size or make more images"
+        )
     test_set = None
     if config.eval_data:
         test_set = load_split(Path(config.eval_data), "test")
         check_classes(test_set, meta.num_classes, teacher_path)
     teacher = prepare_model(teacher, device).eval()
     teacher.requires_grad_(False)
-    data = DistillData(train.to(device), holdout, real_labels, validation)
-    data.teacher_holdout_logits = predict_logits(teacher, holdout.images, meta.mean, meta.std, device).cpu()
+    holdout_logits = predict_logits(teacher, holdout.images, meta.mean, meta.std, device).cpu()
+    data = DistillData(train.to(device), holdout, real_labels, holdout_logits, validation)
     trials = [f"tau={v:g}" for v in spec.grid] if spec.mode == "grid" else [f"tau={config.tau}"]
     # The images and the teacher a student learns from: a new synthetic set or teacher means a new student.
-    origin = f"data {Path(config.data).resolve()}" if config.data else f"synthesis {synthesis_of(run.read_manifest())['config_hash']}"
-    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, f"{origin}; teacher {teacher_sha}")
+    origin = (
+        f"data {Path(config.data).resolve()}"
+        if config.data
+        else f"synthesis {synthesis_of(run.read_manifest())['config_hash']}"
+    )
+    return PreparedDistill(
+        config, teacher, meta, teacher_sha, device, data, test_set, trials, f"{origin}; teacher {teacher_sha}"
+    )
 
 
 def trial_dir(run: RunDir, trial: str) -> Path:
@@ -158,19 +179,29 @@ def _sampler_for(prepared: PreparedDistill, trial: str) -> TauSampler:
     spec = config.tau_spec
     if spec.mode == "grid":
         spec = TauSpec("fixed", value=float(trial.removeprefix("tau=")))
-    return make_sampler(spec, tuple(config.tau_range), config.seed, config.tau_per == "sample")
+    return make_sampler(spec, (config.tau_range[0], config.tau_range[1]), config.seed, config.tau_per == "sample")
 
 
 def _save_resume(
-    path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    sampler: TauSampler, generator: torch.Generator, epoch: int, log: list[dict[str, Any]], identity: str,
+    path: Path,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sampler: TauSampler,
+    generator: torch.Generator,
+    epoch: int,
+    log: list[dict[str, Any]],
+    identity: str,
 ) -> str:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     tensors.update(optimizer_tensors(optimizer, "optim"))
     tensors["data.generator"] = generator.get_state()
     scalars = {
-        "epoch": epoch, "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(), "log": log, "identity": identity,
+        "epoch": epoch,
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "log": log,
+        "identity": identity,
     }
     return atomic_write_bytes(path, save(tensors, metadata={"state": json.dumps(scalars)}))
 
@@ -181,15 +212,22 @@ _LEGACY_MOMENTUM = "optim.momentum."
 
 
 def _load_resume(
-    path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    sampler: TauSampler, generator: torch.Generator, identity: str,
+    path: Path,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sampler: TauSampler,
+    generator: torch.Generator,
+    identity: str,
 ) -> tuple[int, list[dict[str, Any]]]:
     with safe_open(str(path), framework="pt") as f:
         scalars = json.loads(f.metadata()["state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if scalars["identity"] != identity:
         raise DfkdError(f"{path} was made with other distillation settings: pass --overwrite or use another --run")
-    load_state_into(student, {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}, str(path))
+    load_state_into(
+        student, {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}, str(path)
+    )
     tensors = {
         f"optim.{k.removeprefix(_LEGACY_MOMENTUM)}.momentum_buffer" if k.startswith(_LEGACY_MOMENTUM) else k: v
         for k, v in tensors.items()
@@ -212,8 +250,12 @@ def _tau_summary(drawn: list[float | torch.Tensor], tau_range: tuple[float, ...]
     # A fixed tau may lie outside the stochastic range; widen the bins so it is still counted.
     low, high = min(tau_range[0], float(values.min())), max(tau_range[1], float(values.max()))
     return {
-        "count": len(values), "mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
-        "histogram": torch.histc(values, bins=TAU_BINS, min=low, max=high).int().tolist(), "bins": [low, high, TAU_BINS],
+        "count": len(values),
+        "mean": float(values.mean()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "histogram": torch.histc(values, bins=TAU_BINS, min=low, max=high).int().tolist(),
+        "bins": [low, high, TAU_BINS],
     }
 
 
@@ -247,9 +289,11 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     sampler = _sampler_for(prepared, trial)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     resume_path = folder / "resume.safetensors"
-    start_epoch, log = 0, []
+    start_epoch, log = 0, list[dict[str, Any]]()
     if resume_path.exists():
-        start_epoch, log = _load_resume(resume_path, student, optimizer, scheduler, sampler, generator, prepared.identity)
+        start_epoch, log = _load_resume(
+            resume_path, student, optimizer, scheduler, sampler, generator, prepared.identity
+        )
     loss_fn = get_loss(config.loss)
     teacher = compiled(prepared.teacher, config.compile, device)
     forward = compiled(student, config.compile, device)
@@ -267,15 +311,26 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
 
     def after_epoch(stats: EpochStats) -> None:
         entry: dict[str, Any] = {
-            "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr, "images_per_s": stats.images_per_s,
-            "seconds": stats.seconds, "tau": _tau_summary(drawn, config.tau_range), "utc": utc_now(),
+            "epoch": stats.epoch,
+            "loss": stats.loss,
+            "lr": stats.lr,
+            "images_per_s": stats.images_per_s,
+            "seconds": stats.seconds,
+            "tau": _tau_summary(drawn, config.tau_range),
+            "utc": utc_now(),
         }
         drawn.clear()
         if config.eval_every and stats.epoch % config.eval_every == 0 and stats.epoch < config.epochs:
-            entry.update({k: v for k, v in _evaluation_figures(prepared, student, with_test=True).items() if k != "test_metrics"})
+            entry.update(
+                {k: v for k, v in _evaluation_figures(prepared, student, with_test=True).items() if k != "test_metrics"}
+            )
         log.append(entry)
-        digest = _save_resume(resume_path, student, optimizer, scheduler, sampler, generator, stats.epoch, log, prepared.identity)
-        metrics_digest = atomic_write_bytes(folder / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode())
+        digest = _save_resume(
+            resume_path, student, optimizer, scheduler, sampler, generator, stats.epoch, log, prepared.identity
+        )
+        metrics_digest = atomic_write_bytes(
+            folder / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode()
+        )
         run.update_manifest(
             artifacts={
                 **run.artifact_entry(resume_path, "distillation", "resume-state", digest),
@@ -290,19 +345,41 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         return f"tau {last:.2f}" if isinstance(last, float) else f"tau mean {float(last.mean()):.2f}"
 
     train_epochs(
-        student, optimizer, scheduler, data.train.images, data.train.labels, batch_loss,
-        epochs=config.epochs, start_epoch=start_epoch, batch_size=config.batch_size,
-        mean=meta.mean, std=meta.std, generator=generator, after_epoch=after_epoch,
-        description=f"distil {config.student} {trial}", show_progress=show_progress, batch_info=last_tau,
+        student,
+        optimizer,
+        scheduler,
+        data.train.images,
+        data.train.labels,
+        batch_loss,
+        epochs=config.epochs,
+        start_epoch=start_epoch,
+        batch_size=config.batch_size,
+        mean=meta.mean,
+        std=meta.std,
+        generator=generator,
+        after_epoch=after_epoch,
+        description=f"distil {config.student} {trial}",
+        show_progress=show_progress,
+        batch_info=last_tau,
     )
     figures = _evaluation_figures(prepared, student, with_test=True)
     student_meta = CheckpointMeta(
-        arch=config.student, num_classes=meta.num_classes, mean=meta.mean, std=meta.std,
-        dataset=meta.dataset, input_size=meta.input_size, test_acc=figures.get("test_acc"),
+        arch=config.student,
+        num_classes=meta.num_classes,
+        mean=meta.mean,
+        std=meta.std,
+        dataset=meta.dataset,
+        input_size=meta.input_size,
+        test_acc=figures.get("test_acc"),
         extra={
-            "tau_mode": config.tau_spec.mode, "tau": trial.removeprefix("tau="), "tau_per": config.tau_per,
-            "loss": config.loss, "alpha": str(config.alpha), "epochs": str(config.epochs),
-            "teacher_sha256": prepared.teacher_sha256, "holdout_agreement": f"{figures['holdout_agreement']:.2f}",
+            "tau_mode": config.tau_spec.mode,
+            "tau": trial.removeprefix("tau="),
+            "tau_per": config.tau_per,
+            "loss": config.loss,
+            "alpha": str(config.alpha),
+            "epochs": str(config.epochs),
+            "teacher_sha256": prepared.teacher_sha256,
+            "holdout_agreement": f"{figures['holdout_agreement']:.2f}",
             "source": "real data" if data.real_labels else "synthetic",
         },
     )
@@ -312,8 +389,12 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     images_seen = (config.epochs - start_epoch) * steps_per_epoch * config.batch_size
     return StageReport(
         result={"trial": trial, **figures, "student": run.relative(student_path)},
-        work={"epochs": config.epochs, "resumed_from_epoch": start_epoch, "images": images_seen,
-              "images_per_s": log[-1]["images_per_s"] if log else None},
+        work={
+            "epochs": config.epochs,
+            "resumed_from_epoch": start_epoch,
+            "images": images_seen,
+            "images_per_s": log[-1]["images_per_s"] if log else None,
+        },
         flops_probe=lambda: supervised_step_flops(student, meta.input_size, meta.num_classes, teacher=prepared.teacher),
         flops_units=images_seen,
         flops_unit_name="training image",
@@ -368,11 +449,15 @@ def record_config(prepared: PreparedDistill, run: RunDir) -> None:
     run.update_manifest(
         stages={
             "distillation": {
-                "config": config_dict(prepared.config), "identity": identity, "identity_source": prepared.source,
+                "config": config_dict(prepared.config),
+                "identity": identity,
+                "identity_source": prepared.source,
                 "trials_planned": prepared.trials,
                 "teacher": {"sha256": prepared.teacher_sha256, "arch": prepared.teacher_meta.arch},
-                "train_images": len(prepared.data.train), "holdout_images": len(prepared.data.holdout),
-                "source": prepared.data.train.source, "selection": selection_criterion(prepared),
+                "train_images": len(prepared.data.train),
+                "holdout_images": len(prepared.data.holdout),
+                "source": prepared.data.train.source,
+                "selection": selection_criterion(prepared),
             }
         }
     )
@@ -419,17 +504,32 @@ def run_distillation(
             results[trial] = done
             continue
         stage = f"distillation[{trial}]" if grid else "distillation"
-        info = {"student": config.student, "loss": config.loss, "tau_mode": config.tau_spec.mode, "trial": trial, "tau_per": config.tau_per}
-        report = metered(stage, info, lambda t=trial: distill_trial(prepared, run, t, show_progress))
+        info = {
+            "student": config.student,
+            "loss": config.loss,
+            "tau_mode": config.tau_spec.mode,
+            "trial": trial,
+            "tau_per": config.tau_per,
+        }
+        report = metered(stage, info, partial(distill_trial, prepared, run, trial, show_progress))
         results[trial] = report.result
         record_trial(run, trial, report.result)
     if grid:
-        selection = metered("selection", {"criterion": selection_criterion(prepared)}, lambda: select_winner(prepared, run, results))
+        selection = metered(
+            "selection", {"criterion": selection_criterion(prepared)}, lambda: select_winner(prepared, run, results)
+        )
         summary = selection.result
     else:
         publish_student(run, prepared.trials[0])
         summary = results[prepared.trials[0]]
-    run.update_manifest(stages={"distillation": {"result": {k: v for k, v in summary.items() if k != "test_metrics"}, "finished_utc": utc_now()}})
+    run.update_manifest(
+        stages={
+            "distillation": {
+                "result": {k: v for k, v in summary.items() if k != "test_metrics"},
+                "finished_utc": utc_now(),
+            }
+        }
+    )
     return summary
 
 
@@ -445,7 +545,8 @@ def distill_run(
         run.discard("distillation")
     run.update_manifest(carbon=config_dict(carbon))
     return run_distillation(
-        prepared, run,
+        prepared,
+        run,
         lambda stage, info, work: run_metered(run, stage, carbon, prepared.device, info, work),
         show_progress=show_progress,
     )

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dfkd.checkpoints import load_checkpoint
 from dfkd.data import ImageSet, load_split, normalize
+from dfkd.device import autocast, prepare_model
 from dfkd.errors import DfkdError
 from dfkd.metrics import classification_metrics
-from dfkd.device import autocast, prepare_model
-
 
 # On the CPU a batch's activations must stay below glibc's 32 MiB mmap threshold, or every batch maps
 # fresh pages and faults them in: WRN-40-2 on the 10k CIFAR test images took 66 s at batch 1000 (half
@@ -40,9 +40,11 @@ def predict_logits(
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std, device.type == "cuda")
+        batch = normalize(
+            images[start : start + batch_size].to(device, non_blocking=True), mean, std, device.type == "cuda"
+        )
         with autocast(device):
-            out = model.forward_features(batch) if features else model(batch)
+            out = cast(Callable[[Tensor], Tensor], model.forward_features)(batch) if features else model(batch)
         outputs.append(out.float())
     return torch.cat(outputs) if outputs else torch.empty(0)
 

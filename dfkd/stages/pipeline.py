@@ -41,8 +41,11 @@ def record_recipe(run: RunDir, recipe: Recipe) -> None:
     existing = run.read_manifest().get("recipe")
     if existing is not None and existing != resolved:
         changed = sorted(
-            f"{section}.{key}" for section in resolved if isinstance(resolved[section], dict)
-            for key in resolved[section] if resolved[section][key] != (existing.get(section) or {}).get(key)
+            f"{section}.{key}"
+            for section in resolved
+            if isinstance(resolved[section], dict)
+            for key in resolved[section]
+            if resolved[section][key] != (existing.get(section) or {}).get(key)
         ) or ["name"]
         raise DfkdError(
             f"run dir {run.root} was made from another recipe or other settings ({', '.join(changed)} differ): "

@@ -92,7 +92,9 @@ def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) ->
             f"teacher {teacher_path} ({meta.arch}) has no BatchNorm layers with running statistics: model inversion "
             "matches BN statistics, so use a teacher with BatchNorm"
         )
-    return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), resolve_device(config.device))
+    return PreparedSynthesis(
+        config, method_config, teacher, meta, sha256_file(teacher_path), resolve_device(config.device)
+    )
 
 
 def batch_targets(batch_index: int, batch_size: int, count: int, num_classes: int) -> torch.Tensor:
@@ -177,7 +179,9 @@ def quality_figures(
     unit = torch.nn.functional.normalize(features, dim=1)
     similarity = unit @ unit.T
     n = len(unit)
-    off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)) if n > 1 else torch.tensor(float("nan"))
+    off_diagonal = (
+        (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)) if n > 1 else torch.tensor(float("nan"))
+    )
     return {
         "images": len(images),
         "target_agreement": float((predictions == targets).float().mean() * 100),
@@ -189,7 +193,9 @@ def quality_figures(
     }
 
 
-def write_preview(run: RunDir, images: torch.Tensor, targets: torch.Tensor, num_classes: int, per_class: int = 10) -> Path:
+def write_preview(
+    run: RunDir, images: torch.Tensor, targets: torch.Tensor, num_classes: int, per_class: int = 10
+) -> Path:
     """A class-sorted grid: one row per class, the first `per_class` images of that class."""
     rows = []
     for c in range(num_classes):
@@ -239,7 +245,8 @@ def synthesize_stage(
             rate = (made * iterations + step * count) / seconds
             progress.update(
                 task,
-                info=f"step {step}/{iterations} loss {loss.item():.3f}  {made / seconds:,.1f} images/s  {rate:,.0f} img-steps/s",
+                info=f"step {step}/{iterations} loss {loss.item():.3f}  "
+                f"{made / seconds:,.1f} images/s  {rate:,.0f} img-steps/s",
             )
 
         for index in range(start_shard, prepared.num_batches):
@@ -259,22 +266,34 @@ def synthesize_stage(
                     "lower the method's lr with --set lr=..."
                 )
             shard_meta = {
-                "method": config.method, "config_hash": prepared.config_hash,
-                "teacher_sha256": prepared.teacher_sha256, "index": str(index), "count": str(count),
+                "method": config.method,
+                "config_hash": prepared.config_hash,
+                "teacher_sha256": prepared.teacher_sha256,
+                "index": str(index),
+                "count": str(count),
             }
             synthetic.write_shard(index, tensors, shard_meta, synthesizer.state_dict())
             made += count
             progress.update(task, advance=count)
     data = synthetic.load()
     preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
-    quality = quality_figures(data["images"], data["targets"], prepared.teacher.to(device), meta, device, config.quality_sample)
+    quality = quality_figures(
+        data["images"], data["targets"], prepared.teacher.to(device), meta, device, config.quality_sample
+    )
     shards = synthetic.valid_shards()
-    run.update_manifest(stages={"synthesis": {"quality": quality, "shards": len(shards), "images": len(data["images"])}})
+    run.update_manifest(
+        stages={"synthesis": {"quality": quality, "shards": len(shards), "images": len(data["images"])}}
+    )
     image_steps = made * iterations
     return StageReport(
         result={"quality": quality, "preview": run.relative(preview), "shards": len(shards)},
-        work={"images_made": made, "images_total": len(data["images"]), "iterations": iterations, "image_steps": image_steps,
-              "seconds_in_loop": time.perf_counter() - started},
+        work={
+            "images_made": made,
+            "images_total": len(data["images"]),
+            "iterations": iterations,
+            "image_steps": image_steps,
+            "seconds_in_loop": time.perf_counter() - started,
+        },
         flops_probe=lambda: synthesis_step_flops(prepared),
         flops_units=image_steps,
         flops_unit_name="image-step",
@@ -287,7 +306,13 @@ def _build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
     meta = prepared.teacher_meta
     torch.manual_seed(prepared.config.seed)
     return get_synthesizer(prepared.config.method)(
-        prepared.teacher, prepared.method_config, prepared.device, meta.mean, meta.std, meta.num_classes, meta.input_size
+        prepared.teacher,
+        prepared.method_config,
+        prepared.device,
+        meta.mean,
+        meta.std,
+        meta.num_classes,
+        meta.input_size,
     )
 
 
@@ -299,7 +324,9 @@ def synthesis_step_flops(prepared: PreparedSynthesis) -> float:
 
     def run(iterations: int) -> float:
         config = apply_overrides(prepared.method_config, {"iterations": iterations, "compile": False, "amp": False})
-        synthesizer = method_class(prepared.teacher, config, torch.device("cpu"), meta.mean, meta.std, meta.num_classes, meta.input_size)
+        synthesizer = method_class(
+            prepared.teacher, config, torch.device("cpu"), meta.mean, meta.std, meta.num_classes, meta.input_size
+        )
         return count_flops(lambda: synthesizer.synthesize(targets))
 
     return (run(2) - run(1)) / 2
@@ -318,9 +345,18 @@ def run_synthesis(
         return result, {"images_made": 0, "already_finished": True}
     config = prepared.config
     run.update_manifest(carbon=config_dict(carbon))
-    info = {"method": config.method, "num_images": config.num_images, "batch_size": config.batch_size, "resumed_after_shard": start}
+    info = {
+        "method": config.method,
+        "num_images": config.num_images,
+        "batch_size": config.batch_size,
+        "resumed_after_shard": start,
+    }
     report = run_metered(
-        run, "synthesis", carbon, prepared.device, info,
+        run,
+        "synthesis",
+        carbon,
+        prepared.device,
+        info,
         lambda: synthesize_stage(prepared, run, start, show_progress=show_progress),
     )
     return report.result, report.work

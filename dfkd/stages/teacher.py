@@ -89,8 +89,13 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
     run.update_manifest(
         stages={
             "teacher": {
-                "config": config_dict(config), "log": log, "checkpoint": str(out), "checkpoint_sha256": digest,
-                "input_size": input_size, "mean": list(mean), "std": list(std),
+                "config": config_dict(config),
+                "log": log,
+                "checkpoint": str(out),
+                "checkpoint_sha256": digest,
+                "input_size": input_size,
+                "mean": list(mean),
+                "std": list(std),
             }
         }
     )

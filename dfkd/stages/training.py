@@ -7,17 +7,17 @@ loop never synchronises with the host: losses accumulate on the device and are r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from dfkd.data import iterate_batches, normalize, random_crop_flip
+from dfkd.device import autocast
 from dfkd.errors import DfkdError
 from dfkd.progress import make_progress
-from dfkd.device import autocast
 
 # (normalised augmented batch, labels of the batch, indices into the training set) -> scalar loss
 BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

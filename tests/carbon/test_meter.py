@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from dfkd.carbon.config import CarbonConfig
-from dfkd.errors import DfkdError
 from dfkd.carbon.flops import count_flops
 from dfkd.carbon.ledger import GENESIS_SHA256, append_record, read_ledger, verify_ledger
 from dfkd.carbon.meter import meter, pending_path, recover_pending
+from dfkd.errors import DfkdError
 from dfkd.files import sha256_bytes
 
 FAST = CarbonConfig(flush_seconds=0.2)

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dfkd.cli import app
-from dfkd.errors import DfkdError
 from dfkd.config.recipe import load_recipe, recipe_paths
+from dfkd.errors import DfkdError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,9 @@ def test_quickstart_is_the_readme_main_job_at_cpu_scale() -> None:
 
 
 def test_overrides_apply_and_are_typed() -> None:
-    recipe = load_recipe(REPO / "recipes" / "quickstart.toml", ["distill.epochs=3", "synthesize.settings.nz=16", "carbon.pue=1.2"])
+    recipe = load_recipe(
+        REPO / "recipes" / "quickstart.toml", ["distill.epochs=3", "synthesize.settings.nz=16", "carbon.pue=1.2"]
+    )
     assert recipe.distill.epochs == 3 and recipe.synthesis.method_settings["nz"] == "16" and recipe.carbon.pue == 1.2
 
 
@@ -94,8 +96,12 @@ def test_bad_recipes_name_the_key_and_the_valid_ones(tmp_path: Path, text: str, 
 
 
 def test_bad_overrides(tmp_path: Path) -> None:
-    assert "section.key=value" in fails("run", str(REPO / "recipes" / "quickstart.toml"), "--set", "epochs=3", "--run", str(tmp_path / "r"))
-    assert "epochs" in fails("run", str(REPO / "recipes" / "quickstart.toml"), "--set", "distill.epochs=x", "--run", str(tmp_path / "r"))
+    assert "section.key=value" in fails(
+        "run", str(REPO / "recipes" / "quickstart.toml"), "--set", "epochs=3", "--run", str(tmp_path / "r")
+    )
+    assert "epochs" in fails(
+        "run", str(REPO / "recipes" / "quickstart.toml"), "--set", "distill.epochs=x", "--run", str(tmp_path / "r")
+    )
     assert not (tmp_path / "r").exists()
 
 

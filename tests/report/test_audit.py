@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
-from dfkd.report.audit import audit_run
-from dfkd.errors import DfkdError
-from dfkd.carbon.meter import pending_path
-from dfkd.report.build import build_report
-from dfkd.files import atomic_write_json
 from test_report import add_interrupted_attempts, make_run
 
+from dfkd.carbon.meter import pending_path
+from dfkd.errors import DfkdError
+from dfkd.files import atomic_write_json
+from dfkd.report.audit import audit_run
+from dfkd.report.build import build_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,7 +35,9 @@ def run(pristine: Path, tmp_path: Path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def flip_shard_byte(run: Path) -> None:
@@ -97,17 +99,27 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "shard byte flipped": (flip_shard_byte, ["synthetic/shard-00001.safetensors: sha256 "]),
     "ledger line edited": (
         lambda run: ledger_lines(run, edit_line),
-        ["carbon.jsonl line 2: edited record", "carbon.jsonl line 3: broken chain",
-         "carbon.jsonl line 2 (distillation[tau=2]): co2eq_g is "],
+        [
+            "carbon.jsonl line 2: edited record",
+            "carbon.jsonl line 3: broken chain",
+            "carbon.jsonl line 2 (distillation[tau=2]): co2eq_g is ",
+        ],
     ),
     "ledger line removed": (
         lambda run: ledger_lines(run, remove_line),
-        ["carbon.jsonl line 3: broken chain", "carbon.jsonl line 3: missing record seq 2",
-         "manifest.json stages.distillation.trials[tau=4]: the ledger has no complete record"],
+        [
+            "carbon.jsonl line 3: broken chain",
+            "carbon.jsonl line 3: missing record seq 2",
+            "manifest.json stages.distillation.trials[tau=4]: the ledger has no complete record",
+        ],
     ),
     "ledger lines reordered": (
         lambda run: ledger_lines(run, reorder_lines),
-        ["carbon.jsonl line 2: seq 2 out of order", "carbon.jsonl line 3: seq 1 out of order", "carbon.jsonl line 2: broken chain"],
+        [
+            "carbon.jsonl line 2: seq 2 out of order",
+            "carbon.jsonl line 3: seq 1 out of order",
+            "carbon.jsonl line 2: broken chain",
+        ],
     ),
     "manifest artifact hash edited": (
         lambda run: edit_manifest(run, forge_artifact_hash),
@@ -123,8 +135,10 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     ),
     "manifest config edited": (
         lambda run: edit_manifest(run, claim_more_epochs),
-        ["manifest.json stages.distillation.config: no longer hashes to its recorded identity",
-         "manifest.json stages.distillation.config.epochs: 200 but ledger line 2 records 1"],
+        [
+            "manifest.json stages.distillation.config: no longer hashes to its recorded identity",
+            "manifest.json stages.distillation.config.epochs: 200 but ledger line 2 records 1",
+        ],
     ),
     "manifest entry removed": (
         lambda run: edit_manifest(run, drop_artifact_entry),

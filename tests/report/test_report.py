@@ -19,20 +19,20 @@ import torch
 from PIL import Image
 
 from dfkd.carbon.config import CarbonConfig
-from dfkd.config.overrides import config_dict
-from dfkd.config.distill import DistillConfig
-from dfkd.stages.distill import prepare_distill, run_distillation
-from dfkd.errors import DfkdError
 from dfkd.carbon.ledger import read_ledger
 from dfkd.carbon.meter import pending_path, recover_pending
+from dfkd.config.distill import DistillConfig
+from dfkd.config.overrides import config_dict
+from dfkd.config.synthesis import SynthesisConfig
+from dfkd.errors import DfkdError
+from dfkd.files import atomic_write_json
 from dfkd.report.build import REPORT_SCHEMA, build_report, load_report
 from dfkd.report.format import number, result
 from dfkd.report.html import PART_COLOURS, PHASE_COLOURS
 from dfkd.report.render import render, render_markdown
-from dfkd.files import atomic_write_json
 from dfkd.rundir import RunDir
+from dfkd.stages.distill import prepare_distill, run_distillation
 from dfkd.stages.runner import StageReport, run_metered
-from dfkd.config.synthesis import SynthesisConfig
 from dfkd.stages.synthesis import prepare_run_dir, prepare_synthesis, synthesize_stage
 
 CARBON = CarbonConfig(grid_g_per_kwh=400, flush_seconds=0.5)
@@ -46,15 +46,27 @@ def make_run(root: Path, teacher: Path, tau: str) -> Path:
     """A run dir made as `dfkd synthesize` then `dfkd distill --tau TAU` make it, at toy scale."""
     run = RunDir.open(root)
     with run.locked():
-        config = SynthesisConfig(method="deepinversion", teacher=str(teacher), num_images=40, batch_size=20, device="cpu", quality_sample=20)
+        config = SynthesisConfig(
+            method="deepinversion", teacher=str(teacher), num_images=40, batch_size=20, device="cpu", quality_sample=20
+        )
         prepared = prepare_synthesis(config, iterations=2)
         start = prepare_run_dir(run, prepared, overwrite=False)
         run.update_manifest(carbon=config_dict(CARBON))
         info = {"method": "deepinversion", "num_images": 40, "batch_size": 20, "resumed_after_shard": start}
-        run_metered(run, "synthesis", CARBON, prepared.device, info, lambda: synthesize_stage(prepared, run, start, show_progress=False))
+        run_metered(
+            run,
+            "synthesis",
+            CARBON,
+            prepared.device,
+            info,
+            lambda: synthesize_stage(prepared, run, start, show_progress=False),
+        )
         distill = prepare_distill(DistillConfig(student="tiny", tau=tau, epochs=1, batch_size=8, device="cpu"), run)
         run_distillation(
-            distill, run, lambda stage, info, work: run_metered(run, stage, CARBON, distill.device, info, work), show_progress=False
+            distill,
+            run,
+            lambda stage, info, work: run_metered(run, stage, CARBON, distill.device, info, work),
+            show_progress=False,
         )
     return root
 
@@ -76,7 +88,9 @@ def add_interrupted_attempts(root: Path) -> None:
     killed = dict(read_ledger(run.ledger_path)[-1])
     for key in ("schema", "seq", "prev_sha256", "record_sha256"):
         del killed[key]
-    killed.update(status="running", start_utc="2999-01-01T00:00:00.000Z", co2eq_g=None, flops=None, flops_method="not counted")
+    killed.update(
+        status="running", start_utc="2999-01-01T00:00:00.000Z", co2eq_g=None, flops=None, flops_method="not counted"
+    )
     # What the meter records for a CPU stage when codecarbon has no measurement: GPU 0 (none used), the rest null.
     killed["energy_kwh"] = killed["energy_kwh_with_pue"] = {"cpu": None, "gpu": 0.0, "ram": None, "total": None}
     killed["energy_sources"] = {"cpu": "not measured", "gpu": "no GPU used", "ram": "not measured"}
@@ -109,13 +123,22 @@ def known_sum(values: list[float | None]) -> float | None:
 
 def test_rows_mirror_the_ledger_one_to_one(report: dict[str, Any], runs: dict[str, Path]) -> None:
     grid = report["runs"][0]
-    assert [r["stage"] for r in grid["rows"]] == ["synthesis", "distillation[tau=2]", "distillation[tau=4]", "selection"]
+    assert [r["stage"] for r in grid["rows"]] == [
+        "synthesis",
+        "distillation[tau=2]",
+        "distillation[tau=4]",
+        "selection",
+    ]
     assert [r["phase"] for r in grid["rows"]] == ["generation", "compression", "compression", "compression"]
     for row, record in zip(grid["rows"], read_ledger(runs["grid"] / "carbon.jsonl")):
         assert row["record_sha256"] == record["record_sha256"]
         assert row["energy_kwh"] == record["energy_kwh"] and row["co2eq_g"] == record["co2eq_g"]
     synthesis, trial, _, selection = grid["rows"]
-    assert (synthesis["method"], synthesis["result"]["metric"], synthesis["throughput"]["unit"]) == ("deepinversion", "target_agreement", "image-steps/s")
+    assert (synthesis["method"], synthesis["result"]["metric"], synthesis["throughput"]["unit"]) == (
+        "deepinversion",
+        "target_agreement",
+        "image-steps/s",
+    )
     assert (trial["tau_mode"], trial["tau"], trial["result"]["metric"]) == ("grid", "2", "holdout_agreement")
     assert selection["result"]["winner"] in ("tau=2", "tau=4") and selection["flops"] is None
 
@@ -141,13 +164,21 @@ def test_grid_against_stochastic_is_the_papers_comparison(report: dict[str, Any]
     (comparison,) = report["comparisons"]
     grid, stochastic = comparison["grid"], comparison["stochastic"]
     assert (grid["run"], stochastic["run"]) == ("grid", "stochastic")
-    assert grid["stages"] == ["distillation[tau=2]", "distillation[tau=4]", "selection"] and stochastic["stages"] == ["distillation"]
+    assert grid["stages"] == ["distillation[tau=2]", "distillation[tau=4]", "selection"] and stochastic["stages"] == [
+        "distillation"
+    ]
     compression = {entry["name"]: entry["phases"]["compression"] for entry in report["runs"]}
-    expected = compression["grid"]["energy_kwh_with_pue"]["total"] / compression["stochastic"]["energy_kwh_with_pue"]["total"]
+    expected = (
+        compression["grid"]["energy_kwh_with_pue"]["total"] / compression["stochastic"]["energy_kwh_with_pue"]["total"]
+    )
     assert comparison["energy_ratio"] == pytest.approx(expected)
-    assert comparison["co2_ratio"] == pytest.approx(compression["grid"]["co2eq_g"] / compression["stochastic"]["co2eq_g"])
+    assert comparison["co2_ratio"] == pytest.approx(
+        compression["grid"]["co2eq_g"] / compression["stochastic"]["co2eq_g"]
+    )
     assert comparison["accuracy_metric"] == "holdout_agreement"
-    assert comparison["accuracy_difference_pp"] == pytest.approx(stochastic["result"]["value"] - grid["result"]["value"])
+    assert comparison["accuracy_difference_pp"] == pytest.approx(
+        stochastic["result"]["value"] - grid["result"]["value"]
+    )
     assert any("not test accuracy" in note for note in comparison["notes"])
 
 
@@ -166,7 +197,12 @@ def test_markdown_and_table_show_every_stage_and_figure(report: dict[str, Any]) 
     markdown, table = render_markdown(report), render(report, "table", width=200)
     for entry in report["runs"]:
         for row in entry["rows"]:
-            for text in (row["stage"], number(row["energy_kwh_with_pue"]["total"]), number(row["co2eq_g"]), number(row["energy_kwh"]["ram"])):
+            for text in (
+                row["stage"],
+                number(row["energy_kwh_with_pue"]["total"]),
+                number(row["co2eq_g"]),
+                number(row["energy_kwh"]["ram"]),
+            ):
                 assert text in markdown and text in table
             assert result(row["result"]) in markdown
         for path, artifact in entry["artifacts"].items():
@@ -185,10 +221,16 @@ def test_interrupted_and_unmetered_attempts_are_shown_and_counted(runs: dict[str
     assert entry["totals"]["interrupted"] == entry["interrupted"]["records"] == 2
     # The killed attempt has no energy: the totals say so instead of adding 0.
     assert (entry["totals"]["unmetered"], entry["totals"]["fully_metered"]) == (1, False)
-    metered = [r["energy_kwh_with_pue"]["total"] for r in entry["rows"] if r["energy_kwh_with_pue"]["total"] is not None]
+    metered = [
+        r["energy_kwh_with_pue"]["total"] for r in entry["rows"] if r["energy_kwh_with_pue"]["total"] is not None
+    ]
     assert entry["totals"]["energy_kwh_with_pue"]["total"] == pytest.approx(math.fsum(metered))
-    assert entry["interrupted"]["energy_kwh_with_pue"]["total"] == pytest.approx(crashed["energy_kwh_with_pue"]["total"])
-    assert any("2 interrupted attempt(s)" in c for c in entry["caveats"]) and any("lower bound" in c for c in entry["caveats"])
+    assert entry["interrupted"]["energy_kwh_with_pue"]["total"] == pytest.approx(
+        crashed["energy_kwh_with_pue"]["total"]
+    )
+    assert any("2 interrupted attempt(s)" in c for c in entry["caveats"]) and any(
+        "lower bound" in c for c in entry["caveats"]
+    )
     markdown = render(build_report([runs["interrupted"]]), "markdown")
     assert "INTERRUPTED: RuntimeError: simulated crash in epoch 1" in markdown
     assert "(1 of 4 not metered)" in markdown and "of which interrupted" in markdown
@@ -224,14 +266,25 @@ def test_html_is_one_self_contained_file(report: dict[str, Any]) -> None:
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+    ]
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=90)
 
 
 def colour_pixels(image: Image.Image, colour: str, tolerance: int = 6) -> int:
     target = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
-    return sum(count for count, rgb in image.getcolors(1 << 24) if all(abs(a - b) <= tolerance for a, b in zip(rgb, target)))
+    return sum(
+        count for count, rgb in image.getcolors(1 << 24) if all(abs(a - b) <= tolerance for a, b in zip(rgb, target))
+    )
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")

@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_report import make_run
 from typer.testing import CliRunner
 
-from dfkd.cli import app
 from dfkd.carbon.ledger import read_ledger
-from test_report import make_run
+from dfkd.cli import app
 
 runner = CliRunner()
 

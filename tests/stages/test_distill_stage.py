@@ -13,24 +13,24 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import save_tiny_teacher
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import save_tiny_teacher
+from dfkd.carbon.config import CarbonConfig
+from dfkd.carbon.ledger import read_ledger, verify_ledger
 from dfkd.checkpoints import load_checkpoint, read_meta
 from dfkd.cli import app
-from dfkd.carbon.config import CarbonConfig
 from dfkd.config.distill import DistillConfig
-from dfkd.stages.distill import prepare_distill, run_distillation
-from dfkd.stages.evaluate import predict_logits
-from dfkd.carbon.ledger import read_ledger, verify_ledger
+from dfkd.config.synthesis import SynthesisConfig
+from dfkd.files import sha256_file
 from dfkd.metrics import top1_agreement
 from dfkd.models import create_model
-from dfkd.files import sha256_file
 from dfkd.rundir import RunDir
+from dfkd.stages.distill import prepare_distill, run_distillation
+from dfkd.stages.evaluate import predict_logits
 from dfkd.stages.runner import run_metered
-from dfkd.config.synthesis import SynthesisConfig
 from dfkd.stages.synthesis import prepare_run_dir, prepare_synthesis, synthesize_stage
 
 COMMON = ["--device", "cpu", "--grid-intensity", "400", "--json"]
@@ -42,9 +42,18 @@ STEPS_PER_EPOCH = 3
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_synthetic(run: RunDir, teacher: Path, method: str, num_images: int, batch_size: int, iterations: int, **settings: str) -> dict[str, Any]:
+def make_synthetic(
+    run: RunDir, teacher: Path, method: str, num_images: int, batch_size: int, iterations: int, **settings: str
+) -> dict[str, Any]:
     """Stage 1 through the library, unmetered: shards in `run`; returns the quality figures."""
-    config = SynthesisConfig(method=method, teacher=str(teacher), num_images=num_images, batch_size=batch_size, device="cpu", method_settings=settings)
+    config = SynthesisConfig(
+        method=method,
+        teacher=str(teacher),
+        num_images=num_images,
+        batch_size=batch_size,
+        device="cpu",
+        method_settings=settings,
+    )
     prepared = prepare_synthesis(config, iterations)
     report = synthesize_stage(prepared, run, prepare_run_dir(run, prepared, overwrite=False), show_progress=False)
     return report.result["quality"]
@@ -99,7 +108,12 @@ def test_stochastic_tau_is_drawn_per_batch_within_range_and_logged(run: Path, ti
     assert sum(1 for count in map(sum, zip(*(e["tau"]["histogram"] for e in log))) if count) >= 4
 
     meta = read_meta(run / "student" / "student.safetensors")
-    assert (meta.arch, meta.num_classes, meta.extra["tau_mode"], meta.extra["tau_per"]) == ("tiny", 10, "stochastic", "batch")
+    assert (meta.arch, meta.num_classes, meta.extra["tau_mode"], meta.extra["tau_per"]) == (
+        "tiny",
+        10,
+        "stochastic",
+        "batch",
+    )
     assert meta.extra["source"] == "synthetic" and meta.extra["teacher_sha256"] == sha256_file(tiny_teacher)
     (record,) = read_ledger(run / "carbon.jsonl")
     assert (record["stage"], record["status"]) == ("distillation", "complete")
@@ -158,7 +172,10 @@ def test_interrupted_run_resumes_the_same_tau_sequence_and_weights(
     for a, b in zip(ours, theirs):
         assert a["tau"] == b["tau"], f"epoch {a['epoch']}: another tau sequence after the restart"
         assert (a["loss"], a["lr"]) == (b["loss"], b["lr"])
-    resumed, uninterrupted = load_file(run / "student" / "student.safetensors"), load_file(reference / "student" / "student.safetensors")
+    resumed, uninterrupted = (
+        load_file(run / "student" / "student.safetensors"),
+        load_file(reference / "student" / "student.safetensors"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key
@@ -173,7 +190,12 @@ def test_grid_runs_one_metered_trial_per_tau_and_publishes_the_winner(run: Path)
     summary = distill(run, "--epochs", "2", "--tau", "grid:2,4,8")
     trials = ["tau=2", "tau=4", "tau=8"]
     records = read_ledger(run / "carbon.jsonl")
-    assert [r["stage"] for r in records] == ["distillation[tau=2]", "distillation[tau=4]", "distillation[tau=8]", "selection"]
+    assert [r["stage"] for r in records] == [
+        "distillation[tau=2]",
+        "distillation[tau=4]",
+        "distillation[tau=8]",
+        "selection",
+    ]
     assert all(r["status"] == "complete" for r in records) and verify_ledger(run / "carbon.jsonl") == []
 
     stage = json.loads((run / "manifest.json").read_text())["stages"]["distillation"]
@@ -183,7 +205,9 @@ def test_grid_runs_one_metered_trial_per_tau_and_publishes_the_winner(run: Path)
     result = stage["result"]
     assert (result["criterion"], result["scores"], result["winner"]) == ("holdout_agreement", scores, best)
     assert summary["winner"] == records[-1]["result"]["winner"] == best
-    assert sha256_file(run / "student" / "student.safetensors") == sha256_file(run / "student" / best / "student.safetensors")
+    assert sha256_file(run / "student" / "student.safetensors") == sha256_file(
+        run / "student" / best / "student.safetensors"
+    )
     for trial in trials:
         value = float(trial.removeprefix("tau="))
         for entry in metrics(run, trial):
@@ -253,14 +277,23 @@ def test_class_count_mismatch(run: Path, tmp_path: Path, tiny_teacher: Path) -> 
 def test_real_data_baseline_on_a_slice(tmp_path: Path, reference_teacher: Path, cifar_jpeg_root: Path) -> None:
     # The CLI has no --train-subset yet, so the slice is asked for through the library.
     config = DistillConfig(
-        student="tiny", teacher=str(reference_teacher), data=str(cifar_jpeg_root), train_subset=200,
-        epochs=1, batch_size=32, device="cpu",
+        student="tiny",
+        teacher=str(reference_teacher),
+        data=str(cifar_jpeg_root),
+        train_subset=200,
+        epochs=1,
+        batch_size=32,
+        device="cpu",
     )
     run = RunDir.open(tmp_path / "run")
     with run.locked():
         prepared = prepare_distill(config, run)
         summary = run_distillation(
-            prepared, run, lambda stage, info, work: run_metered(run, stage, CarbonConfig(grid_g_per_kwh=400), prepared.device, info, work),
+            prepared,
+            run,
+            lambda stage, info, work: run_metered(
+                run, stage, CarbonConfig(grid_g_per_kwh=400), prepared.device, info, work
+            ),
             show_progress=False,
         )
     data = prepared.data
@@ -271,11 +304,13 @@ def test_real_data_baseline_on_a_slice(tmp_path: Path, reference_teacher: Path, 
     assert "imagefolder" in stage["source"] and stage["train_images"] == len(data.train)
     assert stage["config"]["train_subset"] == 200
     assert read_meta(run.root / "student" / "student.safetensors").extra["source"] == "real data"
-    assert 0 <= summary["holdout_agreement"] <= 100
+    # Seeded golden value (CPU, torch 2.14.1) of a one-epoch tiny student on 180 real images.
+    assert summary["holdout_agreement"] == pytest.approx(5.0, abs=1e-6)
     (record,) = read_ledger(run.ledger_path)
     assert (record["stage"], record["status"], record["work"]["images"]) == ("distillation", "complete", 160)
 
 
+@pytest.mark.slow
 def test_distillation_on_reference_synthetic_images_raises_agreement_with_the_teacher(
     tmp_path: Path, reference_teacher: Path
 ) -> None:
@@ -302,6 +337,7 @@ def test_distillation_on_reference_synthetic_images_raises_agreement_with_the_te
     # The stage's own figure is the agreement on the held-out slice, recomputed here from the file.
     holdout = prepared.data.holdout
     assert summary["holdout_agreement"] == pytest.approx(
-        top1_agreement(predict_logits(student, holdout.images, meta.mean, meta.std, device), prepared.data.teacher_holdout_logits)
+        top1_agreement(
+            predict_logits(student, holdout.images, meta.mean, meta.std, device), prepared.data.teacher_holdout_logits
+        )
     )
-

@@ -15,12 +15,12 @@ import torch
 from typer.testing import CliRunner
 
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint, save_checkpoint
-from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.cli import app
 from dfkd.data import load_split
 from dfkd.errors import DfkdError
-from dfkd.stages.evaluate import evaluate_checkpoint, evaluate_on, predict_logits
 from dfkd.models import create_model
+from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
+from dfkd.stages.evaluate import evaluate_checkpoint, evaluate_on, predict_logits
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from dfkd.report.audit import audit_run
-from dfkd.cli import app
 from dfkd.carbon.ledger import read_ledger
-from dfkd.stages.pipeline import run_recipe
+from dfkd.cli import app
 from dfkd.config.recipe import load_recipe
+from dfkd.report.audit import audit_run
+from dfkd.stages.pipeline import run_recipe
 
 QUICKSTART = str(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.toml")
 
@@ -93,6 +93,7 @@ def kill_during(run: Path, stage: str, command: list[str], rng: random.Random) -
     process.wait()
 
 
+@pytest.mark.slow
 def test_kill_9_three_times_in_each_stage_then_the_run_completes_as_if_uninterrupted(
     tmp_path: Path, tiny_recipe_sets: list[str]
 ) -> None:
@@ -112,8 +113,10 @@ def test_kill_9_three_times_in_each_stage_then_the_run_completes_as_if_uninterru
     assert audit_run(run) == []
     records = read_ledger(run / "carbon.jsonl")
     assert [(r["stage"], r["status"]) for r in records] == [
-        *[("synthesis", "interrupted")] * 3, ("synthesis", "complete"),
-        *[("distillation", "interrupted")] * 3, ("distillation", "complete"),
+        *[("synthesis", "interrupted")] * 3,
+        ("synthesis", "complete"),
+        *[("distillation", "interrupted")] * 3,
+        ("distillation", "complete"),
     ]
     assert all(r["error"].startswith("process killed") for r in records if r["status"] == "interrupted")
     # No image duplicated or lost: the shards are those of the uninterrupted run.
@@ -122,7 +125,10 @@ def test_kill_9_three_times_in_each_stage_then_the_run_completes_as_if_uninterru
     for a, b in zip(ours, theirs):
         x, y = load_file(a), load_file(b)
         assert all(torch.equal(x[k], y[k]) for k in ("images", "targets", "logits", "losses")), a.name
-    resumed, uninterrupted = load_file(run / "student" / "student.safetensors"), load_file(reference / "student" / "student.safetensors")
+    resumed, uninterrupted = (
+        load_file(run / "student" / "student.safetensors"),
+        load_file(reference / "student" / "student.safetensors"),
+    )
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
@@ -155,7 +161,9 @@ def test_nan_loss_stops_with_a_clear_error_keeping_the_last_good_epoch(
     assert audit_run(run) == []
 
 
-def test_full_disk_is_one_line_and_the_run_resumes(tmp_path: Path, tiny_recipe_sets: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_is_one_line_and_the_run_resumes(
+    tmp_path: Path, tiny_recipe_sets: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import dfkd.synthetic_set
 
     original, calls = dfkd.synthetic_set.atomic_write_bytes, {"n": 0}
@@ -183,8 +191,15 @@ def test_a_second_process_is_refused_until_the_holder_dies(tmp_path: Path, tiny_
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dfkd.rundir import RunDir; RunDir(sys.argv[1]).lock(); print('held', flush=True); time.sleep(600)", str(run)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dfkd.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
+            "print('held', flush=True); time.sleep(600)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -70,7 +70,10 @@ def test_interrupted_old_run_resumes_to_the_student_of_the_uninterrupted_one(fix
     uninterrupted = load_file("finished/student/student.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     assert all(resumed[key].equal(uninterrupted[key]) for key in resumed)
-    assert summary["distillation"]["holdout_agreement"] == json.loads(
-        Path("finished/manifest.json").read_text()
-    )["stages"]["distillation"]["result"]["holdout_agreement"]
+    assert (
+        summary["distillation"]["holdout_agreement"]
+        == json.loads(Path("finished/manifest.json").read_text())["stages"]["distillation"]["result"][
+            "holdout_agreement"
+        ]
+    )
     assert audit_run(Path("interrupted")) == []

@@ -84,13 +84,38 @@ def test_unknown_name_lists_choices() -> None:
 
 def test_defaults_are_the_published_settings() -> None:
     assert dataclasses.asdict(DeepInversionConfig()) == dict(
-        iterations=2000, lr=0.1, beta1=0.5, beta2=0.99, bn_weight=10.0, ce_weight=1.0, tv_weight=1e-3,
-        l2_weight=0.0, jitter=0.125, flip=True, amp=True, compile=False, log_every=50,
+        iterations=2000,
+        lr=0.1,
+        beta1=0.5,
+        beta2=0.99,
+        bn_weight=10.0,
+        ce_weight=1.0,
+        tv_weight=1e-3,
+        l2_weight=0.0,
+        jitter=0.125,
+        flip=True,
+        amp=True,
+        compile=False,
+        log_every=50,
     )
     assert dataclasses.asdict(CMIConfig()) == dict(
-        iterations=200, lr=1e-3, head_lr=1e-3, beta1=0.5, beta2=0.999, nz=256, ngf=64, bn_weight=1.0,
-        ce_weight=1.0, contrastive_weight=0.8, temperature=0.1, bank_size=40960, num_negatives=4096,
-        head_dim=256, amp=True, compile=False, log_every=50,
+        iterations=200,
+        lr=1e-3,
+        head_lr=1e-3,
+        beta1=0.5,
+        beta2=0.999,
+        nz=256,
+        ngf=64,
+        bn_weight=1.0,
+        ce_weight=1.0,
+        contrastive_weight=0.8,
+        temperature=0.1,
+        bank_size=40960,
+        num_negatives=4096,
+        head_dim=256,
+        amp=True,
+        compile=False,
+        log_every=50,
     )
 
 
