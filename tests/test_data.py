@@ -402,3 +402,15 @@ def test_iterate_batches_covers_every_index_once(drop_last: bool) -> None:
     assert not torch.equal(seen[:10], torch.arange(10)), "indices should be shuffled"
     again = torch.cat(list(iterate_batches(103, 10, "cpu", torch.Generator().manual_seed(0), drop_last=drop_last)))
     assert torch.equal(seen, again)
+
+
+def test_channel_stats_and_input_size_of_a_known_set() -> None:
+    images = torch.zeros(4, 3, 6, 6, dtype=torch.uint8)
+    images[:2, 0] = 255  # channel 0: half the images white -> mean 0.5, std 0.5
+    images[:, 1] = 51  # channel 1: constant 0.2 -> std 0
+    images[:, 2, :3] = 255  # channel 2: the top half of every image -> mean 0.5, std 0.5
+    mean, std = data.ImageSet(images, torch.zeros(4, dtype=torch.int64), ["a"], "test").channel_stats()
+    assert mean == pytest.approx((0.5, 0.2, 0.5)) and std == pytest.approx((0.5, 0.0, 0.5), abs=1e-7)
+    assert data.ImageSet(images, torch.zeros(4, dtype=torch.int64), ["a"], "test").input_size == 6
+    with pytest.raises(DfkdError, match="6x5 images: dfkd models take square images"):
+        _ = data.ImageSet(images[..., :5], torch.zeros(4, dtype=torch.int64), ["a"], "test").input_size
