@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes
+from dfkd.tensor_files import safetensors_bytes
 from dfkd.models import create_model, model_spec
 
 _REQUIRED = ("arch", "num_classes", "mean", "std", "dataset")
@@ -86,7 +86,7 @@ def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_bytes(model: nn.Module, meta: CheckpointMeta) -> bytes:
-    return st_save(_state_for_saving(model), metadata=meta.to_strings())
+    return safetensors_bytes(_state_for_saving(model), meta.to_strings())
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> str:

@@ -152,7 +152,7 @@ def teacher_train(
     from dfkd.data import check_data_path
     from dfkd.device import resolve_device
     from dfkd.stages.runner import run_metered
-    from dfkd.stages.teacher import train_teacher
+    from dfkd.stages.teacher import teacher_flops, train_teacher
 
     if out_path.suffix != ".safetensors":
         raise DfkdError(f"--out {out_path} must end in .safetensors")
@@ -189,6 +189,7 @@ def teacher_train(
             torch_device,
             {"arch": arch},
             lambda: train_teacher(config, out_path, run_dir, show_progress=not as_json),
+            teacher_flops(config),
         )
     summary = {"checkpoint": str(out_path), "test_acc": report.result["test_acc"], "run": str(run_dir.root)}
     if as_json:

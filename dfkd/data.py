@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 from torch import Tensor
 from torch.nn import functional as F
 
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes
+from dfkd.tensor_files import safetensors_bytes
 
 Split = Literal["train", "test"]
 Layout = Literal["cifar10-python", "cifar100-python", "imagefolder"]
@@ -175,6 +175,17 @@ def check_data_path(path: Path | str) -> Layout:
         for split in ("train", "test"):
             _list_image_folder(root, split)
     return layout
+
+
+def split_shape(path: Path | str) -> tuple[int, int]:
+    """(number of classes, image side) of the dataset at `path`, without decoding a split: CIFAR is
+    32x32 with 10 or 100 classes; an ImageFolder has its class folders and its first training image's side."""
+    layout, root = _find_layout(Path(path).expanduser())
+    if layout != "imagefolder":
+        return (10 if layout == "cifar10-python" else 100), 32
+    classes, files = _list_image_folder(root, "train")
+    with Image.open(files[0][0]) as image:
+        return len(classes), image.size[0]
 
 
 def cache_dir() -> Path:
@@ -428,7 +439,7 @@ def _read_cache(path: Path) -> tuple[Tensor, Tensor, list[str]] | None:
 
 
 def _write_cache(path: Path, images: Tensor, labels: Tensor, classes: list[str]) -> None:
-    data = st_save(
+    data = safetensors_bytes(
         {"images": images, "labels": labels}, metadata={"format": _CACHE_FORMAT, "classes": json.dumps(classes)}
     )
     try:

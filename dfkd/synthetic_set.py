@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes
 from dfkd.manifest import synthesis_of
 from dfkd.rundir import SYNTHETIC_DIR, RunDir
+from dfkd.tensor_files import safetensors_bytes
 
 STAGE = "synthesis"
 
@@ -95,9 +96,9 @@ class SyntheticSet:
         """Write shard `index` and the producer's `state` after it, record both in one manifest write,
         then drop the state after the shard before (only the latest is kept)."""
         path = self.shard_path(index)
-        digest = atomic_write_bytes(path, save(tensors, metadata=metadata))
+        digest = atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
         state_path = self.state_path(index)
-        state_bytes = save(state["tensors"], metadata={"scalars": json.dumps(state["scalars"])})
+        state_bytes = safetensors_bytes(state["tensors"], {"scalars": json.dumps(state["scalars"])})
         state_digest = atomic_write_bytes(state_path, state_bytes)
         self.run.update_manifest(
             artifacts={

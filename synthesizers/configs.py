@@ -3,6 +3,8 @@ so a recipe's method settings are validated without loading the methods."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +37,10 @@ def check_ranges(
     Both methods weigh a BN-statistics and a cross-entropy term: with both at 0 nothing ties the
     images to the teacher, so that is refused here too.
     """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field.name} must be a finite number, got {value}")
     for name in at_least_one:
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")

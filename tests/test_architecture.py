@@ -140,9 +140,11 @@ def test_the_graph_sees_the_known_edges() -> None:
 
 
 BLOCK_TORCH = (
-    "import sys\n"
-    "for name in ('torch', 'torchvision', 'kornia', 'codecarbon'):\n"
+    "import atexit, sys\n"
+    "for name in ('torch', 'torchvision', 'kornia'):\n"
     "    sys.modules[name] = None  # `import torch` now raises ImportError\n"
+    "heavy = ('codecarbon', 'pynvml')\n"
+    "atexit.register(lambda: print('heavy modules loaded:', [m for m in heavy if m in sys.modules], file=sys.stderr))\n"
     "from dfkd.cli import app\n"
     "app(sys.argv[1:], prog_name='dfkd')\n"
 )
@@ -150,9 +152,12 @@ BLOCK_TORCH = (
 
 def _dfkd_without_torch(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
     )
+    if result.returncode == 0:  # codecarbon is installed but slow to import: the light commands must not need it
+        assert "heavy modules loaded: []" in result.stderr, result.stderr
+    return result
 
 
 @pytest.fixture(scope="module")

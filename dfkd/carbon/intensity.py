@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dfkd.carbon.config import CarbonConfig
-from dfkd.errors import DfkdError
 
 
 def carbon_intensity(carbon: CarbonConfig) -> tuple[float, str]:
-    """Grid intensity in gCO2eq/kWh and where it came from; an unknown country is a `DfkdError`.
+    """Grid intensity in gCO2eq/kWh and where it came from (`CarbonConfig` has checked the country).
 
     Looked up once from codecarbon's offline table (the figure its own offline tracker applies),
     so it exists even when a stage's measured energy is zero or missing.
@@ -22,11 +21,6 @@ def carbon_intensity(carbon: CarbonConfig) -> tuple[float, str]:
     source = DataSource()
     country = carbon.country.upper()
     mix = source.get_global_energy_mix_data()
-    if country not in mix:
-        raise DfkdError(
-            f"country {carbon.country!r} is not in codecarbon's energy-mix table: "
-            "set carbon.country to another ISO-3166 alpha-3 code or give carbon.grid_g_per_kwh"
-        )
     geo = GeoMetadata(country_iso_code=country)
     kg_per_kwh = Emissions(source).get_country_emissions(Energy.from_energy(kWh=1), geo)
     return kg_per_kwh * 1000, f"codecarbon offline energy mix, {country} ({mix[country]['country_name']})"

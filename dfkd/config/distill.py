@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from dfkd.config.overrides import config_dict
+from dfkd.config.overrides import check_finite, config_dict
 from dfkd.config.tau import TauSpec, parse_tau
 from dfkd.models import model_spec
 
@@ -43,13 +43,14 @@ class DistillConfig:
     train_subset: int = 0
 
     def __post_init__(self) -> None:
+        check_finite(self)
         model_spec(self.student)
         parse_tau(self.tau)
         if len(self.tau_range) != 2 or not 1.0 <= self.tau_range[0] < self.tau_range[1]:
             raise ValueError(f"tau_range must be two values low,high with 1 <= low < high, got {self.tau_range}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be within [0, 1], got {self.alpha}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 0:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.eval_every < 0:
             raise ValueError("epochs and batch_size must be >= 1, lr > 0, eval_every >= 0")
         if not 0.0 < self.holdout < 0.5:
             raise ValueError(f"holdout must be within (0, 0.5), got {self.holdout}")

@@ -9,6 +9,7 @@ No torch here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar
@@ -66,7 +67,10 @@ def _convert(raw: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(raw, bool):
             raise ValueError("must be a number")
-        return float(raw)
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
     if annotation is str:
         if not isinstance(raw, str):
             raise ValueError("must be a string")
@@ -90,6 +94,19 @@ def apply_overrides(config: C, overrides: dict[str, Any], what: str = "setting")
         return dataclasses.replace(config, **converted)  # type: ignore[type-var]
     except ValueError as exc:
         raise DfkdError(f"invalid {what}: {exc}") from None
+
+
+def check_finite(config: Any) -> None:
+    """Every float field (and float in a tuple field) of a dataclass config is finite, else a ValueError.
+
+    Range checks such as `lr > 0` let infinity through, and NaN slips past `lr <= 0`; a NaN or
+    infinite setting trains a non-finite model that may still look like a result.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{field.name} must be a finite number, got {value}")
 
 
 def config_dict(config: Any) -> dict[str, Any]:

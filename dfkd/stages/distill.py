@@ -15,16 +15,16 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
 from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.flops import supervised_step_flops
+from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
 from dfkd.config.distill import DistillConfig
 from dfkd.config.overrides import config_dict
@@ -40,9 +40,10 @@ from dfkd.models import create_model
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors, sgd_with_cosine
 from dfkd.rundir import STUDENT_DIR, RunDir
 from dfkd.stages.evaluate import check_classes, evaluate_on, predict_logits
-from dfkd.stages.runner import StageReport, run_metered
+from dfkd.stages.runner import FlopsPerUnit, StageReport, finished_record, run_metered
 from dfkd.stages.training import EpochStats, train_epochs
 from dfkd.synthetic_set import SyntheticSet
+from dfkd.tensor_files import safetensors_bytes
 from dfkd.tau import TauSampler, make_sampler
 
 TAU_BINS = 18
@@ -203,7 +204,7 @@ def _save_resume(
         "log": log,
         "identity": identity,
     }
-    return atomic_write_bytes(path, save(tensors, metadata={"state": json.dumps(scalars)}))
+    return atomic_write_bytes(path, safetensors_bytes(tensors, {"state": json.dumps(scalars)}))
 
 
 # Resume files written before the optimiser state was shared with CMI kept SGD's momentum as
@@ -395,17 +396,28 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
             "images": images_seen,
             "images_per_s": log[-1]["images_per_s"] if log else None,
         },
-        flops_probe=lambda: supervised_step_flops(student, meta.input_size, meta.num_classes, teacher=prepared.teacher),
         flops_units=images_seen,
-        flops_unit_name="training image",
     )
 
 
-def trial_done(run: RunDir, trial: str) -> dict[str, Any] | None:
-    """The recorded result of a finished trial whose student file still matches the manifest, else None."""
+def trial_done(prepared: PreparedDistill, run: RunDir, trial: str) -> dict[str, Any] | None:
+    """The result of a finished trial, else None: finished means its student file still matches the
+    manifest and the ledger holds the trial's complete record (the stage's last step)."""
     if not run.artifact_intact(trial_dir(run, trial) / "student.safetensors"):
         return None
-    return distillation_of(run.read_manifest()).get("trials", {}).get(trial)
+    record = finished_record(
+        run,
+        lambda r: r.get("info", {}).get("trial") == trial
+        # Records written before the identity was recorded match on the trial alone.
+        and r.get("info", {}).get("identity", prepared.identity) == prepared.identity,
+    )
+    if record is None:
+        return None
+    recorded = distillation_of(run.read_manifest()).get("trials", {}).get(trial)
+    if recorded is None:  # killed between the ledger record and the manifest entry
+        recorded = {k: v for k, v in record["result"].items() if k != "test_metrics"}
+        record_trial(run, trial, recorded)
+    return recorded
 
 
 def selection_criterion(prepared: PreparedDistill) -> str:
@@ -499,7 +511,7 @@ def run_distillation(
     results: dict[str, dict[str, Any]] = {}
     grid = config.tau_spec.mode == "grid"
     for trial in prepared.trials:
-        done = trial_done(run, trial)
+        done = trial_done(prepared, run, trial)
         if done is not None:
             results[trial] = done
             continue
@@ -510,6 +522,7 @@ def run_distillation(
             "tau_mode": config.tau_spec.mode,
             "trial": trial,
             "tau_per": config.tau_per,
+            "identity": prepared.identity,
         }
         report = metered(stage, info, partial(distill_trial, prepared, run, trial, show_progress))
         results[trial] = report.result
@@ -541,12 +554,21 @@ def distill_run(
     The caller holds the run's lock.
     """
     prepared = prepare_distill(config, run)
+    recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
     if overwrite:  # only once the new settings are known to work, so bad input loses nothing
         run.discard("distillation")
     run.update_manifest(carbon=config_dict(carbon))
-    return run_distillation(
-        prepared,
-        run,
-        lambda stage, info, work: run_metered(run, stage, carbon, prepared.device, info, work),
-        show_progress=show_progress,
-    )
+    meta = prepared.teacher_meta
+
+    @cache
+    def flops_per_image() -> FlopsPerUnit:
+        # Counted once, before the first trial's meter starts: the probe is not billed to the trial.
+        student = create_model(prepared.config.student, meta.num_classes)
+        flops = supervised_step_flops(student, meta.input_size, meta.num_classes, teacher=prepared.teacher)
+        return FlopsPerUnit(flops, "training image")
+
+    def metered(stage: str, info: dict[str, Any], work: Callable[[], StageReport]) -> StageReport:
+        flops = None if stage == "selection" else flops_per_image()
+        return run_metered(run, stage, carbon, prepared.device, info, work, flops)
+
+    return run_distillation(prepared, run, metered, show_progress=show_progress)

@@ -22,13 +22,19 @@ from dfkd.rundir import RunDir
 
 @dataclass
 class StageReport:
-    """What a stage hands back: its figures, the work done, and how to count its FLOPs."""
+    """What a stage hands back: its figures, the work done, and how many FLOP units it did."""
 
     result: dict[str, Any]
     work: dict[str, Any]
-    flops_probe: Callable[[], float] | None = None
     flops_units: int = 0
-    flops_unit_name: str = "image-step"
+
+
+@dataclass(frozen=True)
+class FlopsPerUnit:
+    """FLOPs of one unit of a stage's work (an image-step, a training image), counted before it runs."""
+
+    flops: float
+    unit: str
 
 
 def run_metered(
@@ -38,11 +44,14 @@ def run_metered(
     device: torch.device,
     info: dict[str, Any],
     work: Callable[[], StageReport],
+    flops: FlopsPerUnit | None = None,
 ) -> StageReport:
     """Run `work` as one metered stage of `run`; exactly one ledger record is written, whatever happens.
 
-    Afterwards the manifest pins the ledger's last record (seq and hash), so `dfkd audit` notices
-    records cut from the ledger's end, which the hash chain alone cannot show.
+    The FLOPs per unit are counted by the caller before the stage starts, so the counter's own cost is
+    not billed to the stage and nothing runs between the stage's last file and its ledger record. A
+    stage is finished only once that record is written. Afterwards the manifest pins the ledger's last
+    record (seq and hash), so `dfkd audit` notices records cut from the ledger's end.
     """
     recover_pending(run.ledger_path)
     try:
@@ -50,14 +59,21 @@ def run_metered(
             report = work()
             outcome.result = report.result
             outcome.work = report.work
-            if report.flops_probe is not None and report.flops_units > 0:
-                per_unit = report.flops_probe()
-                outcome.flops = per_unit * report.flops_units
+            if flops is not None and report.flops_units > 0:
+                outcome.flops = flops.flops * report.flops_units
                 outcome.flops_method = (
-                    f"counted by torch.utils.flop_counter on one {report.flops_unit_name} "
-                    f"({per_unit:.4g} FLOPs) x {report.flops_units} {report.flops_unit_name}s"
+                    f"counted by torch.utils.flop_counter on one {flops.unit} "
+                    f"({flops.flops:.4g} FLOPs) x {report.flops_units} {flops.unit}s"
                 )
     finally:
-        last = read_ledger(run.ledger_path)[-1]
-        run.update_manifest(ledger_head={"seq": last["seq"], "record_sha256": last["record_sha256"]})
+        records = read_ledger(run.ledger_path)
+        if records:  # empty only when the meter failed to start (nothing was recorded, nothing ran)
+            last = records[-1]
+            run.update_manifest(ledger_head={"seq": last["seq"], "record_sha256": last["record_sha256"]})
     return report
+
+
+def finished_record(run: RunDir, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The last complete ledger record that `wanted` accepts: a stage is done only when it has one."""
+    found = [record for record in read_ledger(run.ledger_path) if record.get("status") == "complete" and wanted(record)]
+    return found[-1] if found else None

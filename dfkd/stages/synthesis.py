@@ -20,6 +20,7 @@ from torchvision.utils import save_image
 
 from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.flops import count_flops
+from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.synthesis import SynthesisConfig
@@ -30,7 +31,7 @@ from dfkd.manifest import synthesis_of
 from dfkd.progress import make_progress
 from dfkd.rundir import RunDir
 from dfkd.stages.evaluate import predict_logits
-from dfkd.stages.runner import StageReport, run_metered
+from dfkd.stages.runner import FlopsPerUnit, StageReport, finished_record, run_metered
 from dfkd.synthetic_set import SyntheticSet
 from synthesizers import get_synthesizer, list_synthesizers, method_config_class
 from synthesizers.base import Synthesizer
@@ -133,15 +134,27 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
 
 
 def finished_result(run: RunDir, prepared: PreparedSynthesis, done: int) -> dict[str, Any] | None:
-    """The recorded result when every shard is made and the quality figures are recorded, else None.
+    """The recorded result when every shard is made, the quality figures are recorded and the ledger
+    holds the stage's complete record, else None.
 
-    Rerunning a finished synthesis then does no work and meters nothing (no empty ledger records).
+    The ledger record is the last step of the stage: a run killed after the manifest's figures but
+    before the record is not finished, and its rerun writes the record. Rerunning a finished synthesis
+    does no work and meters nothing (no empty ledger records).
     """
     stage = synthesis_of(run.read_manifest())
     preview = SyntheticSet(run).preview_path
     if done < prepared.num_batches or "quality" not in stage or stage.get("images") != prepared.config.num_images:
         return None
     if not preview.exists():
+        return None
+    record = finished_record(
+        run,
+        lambda r: r.get("stage") == "synthesis"
+        # Records written before the config hash was recorded match on their figures alone.
+        and r.get("info", {}).get("config_hash", prepared.config_hash) == prepared.config_hash
+        and r.get("result", {}).get("quality") == stage["quality"],
+    )
+    if record is None:
         return None
     return {"quality": stage["quality"], "preview": run.relative(preview), "shards": stage["shards"]}
 
@@ -294,9 +307,7 @@ def synthesize_stage(
             "image_steps": image_steps,
             "seconds_in_loop": time.perf_counter() - started,
         },
-        flops_probe=lambda: synthesis_step_flops(prepared),
         flops_units=image_steps,
-        flops_unit_name="image-step",
     )
 
 
@@ -339,6 +350,7 @@ def run_synthesis(
 
     A finished synthesis returns its recorded result and meters nothing. The caller holds the run's lock.
     """
+    recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
     start = prepare_run_dir(run, prepared, overwrite)
     result = finished_result(run, prepared, start)
     if result is not None:
@@ -350,7 +362,9 @@ def run_synthesis(
         "num_images": config.num_images,
         "batch_size": config.batch_size,
         "resumed_after_shard": start,
+        "config_hash": prepared.config_hash,
     }
+    flops = FlopsPerUnit(synthesis_step_flops(prepared), "image-step")
     report = run_metered(
         run,
         "synthesis",
@@ -358,5 +372,6 @@ def run_synthesis(
         prepared.device,
         info,
         lambda: synthesize_stage(prepared, run, start, show_progress=show_progress),
+        flops,
     )
     return report.result, report.work

@@ -16,15 +16,23 @@ from dfkd.carbon.flops import supervised_step_flops
 from dfkd.checkpoints import CheckpointMeta, save_checkpoint
 from dfkd.config.overrides import config_dict
 from dfkd.config.teacher import TeacherConfig
-from dfkd.data import check_data_path, load_split, stratified_subset
+from dfkd.data import check_data_path, load_split, split_shape, stratified_subset
 from dfkd.device import compiled, prepare_model, resolve_device, seed_everything
 from dfkd.files import utc_now
 from dfkd.models import create_model
 from dfkd.optim import sgd_with_cosine
 from dfkd.rundir import RunDir
 from dfkd.stages.evaluate import evaluate_on
-from dfkd.stages.runner import StageReport
+from dfkd.stages.runner import FlopsPerUnit, StageReport
 from dfkd.stages.training import EpochStats, train_epochs
+
+
+def teacher_flops(config: TeacherConfig) -> FlopsPerUnit:
+    """FLOPs of one training image of `config.arch` on its data's class count and image size (counted
+    before the stage's meter starts, from the dataset's shape: no split is decoded)."""
+    num_classes, input_size = split_shape(config.data)
+    flops = supervised_step_flops(create_model(config.arch, num_classes), input_size, num_classes)
+    return FlopsPerUnit(flops, "training image")
 
 
 def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: bool = True) -> StageReport:
@@ -103,7 +111,5 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
     return StageReport(
         result={"test_acc": accuracy, "checkpoint": str(out), "checkpoint_sha256": digest},
         work={"epochs": config.epochs, "images": images_seen, "device": str(device)},
-        flops_probe=lambda: supervised_step_flops(model, input_size, train_set.num_classes),
         flops_units=images_seen,
-        flops_unit_name="training image",
     )

@@ -120,11 +120,12 @@ def test_user_grid_intensity_and_pue_are_applied_exactly(tmp_path: Path) -> None
     assert record["co2eq_g"] == record["energy_kwh_with_pue"]["total"] * 123.0
 
 
-def test_unknown_country_is_a_user_error_before_any_work(tmp_path: Path) -> None:
-    with pytest.raises(DfkdError, match="XYZ.*carbon.grid_g_per_kwh"):
-        with meter("teacher", tmp_path / "carbon.jsonl", CarbonConfig(country="XYZ"), "cpu"):
-            pytest.fail("the stage must not run")
-    assert not (tmp_path / "carbon.jsonl").exists()
+def test_unknown_country_is_refused_when_the_config_is_made() -> None:
+    with pytest.raises(ValueError, match="'XYZ' is not in codecarbon's energy-mix table.*grid_g_per_kwh"):
+        CarbonConfig(country="XYZ")
+    with pytest.raises(ValueError, match=r"'FRX'.*did you mean .*FRA"):
+        CarbonConfig(country="FRX")
+    assert CarbonConfig(country="fra").country == "fra", "codes are matched regardless of case"
 
 
 KILLED_STAGE = textwrap.dedent(

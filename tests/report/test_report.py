@@ -22,7 +22,6 @@ from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.ledger import read_ledger
 from dfkd.carbon.meter import pending_path, recover_pending
 from dfkd.config.distill import DistillConfig
-from dfkd.config.overrides import config_dict
 from dfkd.config.synthesis import SynthesisConfig
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_json
@@ -31,9 +30,9 @@ from dfkd.report.format import number, result
 from dfkd.report.html import PART_COLOURS, PHASE_COLOURS
 from dfkd.report.render import render, render_markdown
 from dfkd.rundir import RunDir
-from dfkd.stages.distill import prepare_distill, run_distillation
+from dfkd.stages.distill import distill_run
 from dfkd.stages.runner import StageReport, run_metered
-from dfkd.stages.synthesis import prepare_run_dir, prepare_synthesis, synthesize_stage
+from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
 
 CARBON = CarbonConfig(grid_g_per_kwh=400, flush_seconds=0.5)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -50,22 +49,11 @@ def make_run(root: Path, teacher: Path, tau: str) -> Path:
             method="deepinversion", teacher=str(teacher), num_images=40, batch_size=20, device="cpu", quality_sample=20
         )
         prepared = prepare_synthesis(config, iterations=2)
-        start = prepare_run_dir(run, prepared, overwrite=False)
-        run.update_manifest(carbon=config_dict(CARBON))
-        info = {"method": "deepinversion", "num_images": 40, "batch_size": 20, "resumed_after_shard": start}
-        run_metered(
+        run_synthesis(prepared, run, CARBON, show_progress=False)
+        distill_run(
+            DistillConfig(student="tiny", tau=tau, epochs=1, batch_size=8, device="cpu"),
             run,
-            "synthesis",
             CARBON,
-            prepared.device,
-            info,
-            lambda: synthesize_stage(prepared, run, start, show_progress=False),
-        )
-        distill = prepare_distill(DistillConfig(student="tiny", tau=tau, epochs=1, batch_size=8, device="cpu"), run)
-        run_distillation(
-            distill,
-            run,
-            lambda stage, info, work: run_metered(run, stage, CARBON, distill.device, info, work),
             show_progress=False,
         )
     return root
