@@ -18,8 +18,8 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes
-from dfkd.tensor_files import safetensors_bytes
 from dfkd.models import create_model, model_spec
+from dfkd.tensor_files import safetensors_bytes
 
 _REQUIRED = ("arch", "num_classes", "mean", "std", "dataset")
 _CORE = set(_REQUIRED) | {"input_size", "test_acc"}

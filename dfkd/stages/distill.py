@@ -43,8 +43,8 @@ from dfkd.stages.evaluate import check_classes, evaluate_on, predict_logits
 from dfkd.stages.runner import FlopsPerUnit, StageReport, finished_record, run_metered
 from dfkd.stages.training import EpochStats, train_epochs
 from dfkd.synthetic_set import SyntheticSet
-from dfkd.tensor_files import safetensors_bytes
 from dfkd.tau import TauSampler, make_sampler
+from dfkd.tensor_files import safetensors_bytes
 
 TAU_BINS = 18
 
@@ -407,9 +407,11 @@ def trial_done(prepared: PreparedDistill, run: RunDir, trial: str) -> dict[str, 
         return None
     record = finished_record(
         run,
-        lambda r: r.get("info", {}).get("trial") == trial
-        # Records written before the identity was recorded match on the trial alone.
-        and r.get("info", {}).get("identity", prepared.identity) == prepared.identity,
+        lambda r: (
+            r.get("info", {}).get("trial") == trial
+            # Records written before the identity was recorded match on the trial alone.
+            and r.get("info", {}).get("identity", prepared.identity) == prepared.identity
+        ),
     )
     if record is None:
         return None

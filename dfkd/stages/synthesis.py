@@ -149,10 +149,12 @@ def finished_result(run: RunDir, prepared: PreparedSynthesis, done: int) -> dict
         return None
     record = finished_record(
         run,
-        lambda r: r.get("stage") == "synthesis"
-        # Records written before the config hash was recorded match on their figures alone.
-        and r.get("info", {}).get("config_hash", prepared.config_hash) == prepared.config_hash
-        and r.get("result", {}).get("quality") == stage["quality"],
+        lambda r: (
+            r.get("stage") == "synthesis"
+            # Records written before the config hash was recorded match on their figures alone.
+            and r.get("info", {}).get("config_hash", prepared.config_hash) == prepared.config_hash
+            and r.get("result", {}).get("quality") == stage["quality"]
+        ),
     )
     if record is None:
         return None

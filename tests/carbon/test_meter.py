@@ -18,7 +18,6 @@ import torch
 from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.ledger import GENESIS_SHA256, read_ledger, verify_ledger
 from dfkd.carbon.meter import meter, pending_path, recover_pending
-from dfkd.errors import DfkdError
 
 FAST = CarbonConfig(flush_seconds=0.2)
 CPU_LABELS = ("RAPL counter (measured", "TDP x load estimate", "constant estimate")
