@@ -92,8 +92,17 @@ def checkpoint_bytes(model: nn.Module, meta: CheckpointMeta) -> bytes:
 def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> str:
     """Write model + metadata atomically to `path`; returns the file's sha256.
 
-    An unwritable path (a folder, no permission, a full disk) is the user's to fix, so it is a `DfkdError`.
+    An unwritable path (a folder, no permission, a full disk) is the user's to fix, so it is a `DfkdError`;
+    so are weights that hold NaN or infinity (a diverged training): such a model is never written.
     """
+    broken = [
+        name for name, value in model.state_dict().items() if value.is_floating_point() and not value.isfinite().all()
+    ]
+    if broken:
+        raise DfkdError(
+            f"not writing {path}: {len(broken)} weight tensors hold NaN or infinity (first {broken[0]}), "
+            "so training diverged: lower the learning rate (--lr) and run again"
+        )
     try:
         return atomic_write_bytes(Path(path), checkpoint_bytes(model, meta))
     except OSError as exc:

@@ -106,10 +106,13 @@ class RunDir:
     def write_manifest(self, manifest: Manifest) -> None:
         save_manifest(self.manifest_path, manifest)
 
-    def update_manifest(self, **sections: Any) -> Manifest:
-        """Read-modify-write: merge `stages`/`artifacts`/top-level keys into the manifest, atomically."""
+    def update_manifest(self, forget: tuple[Path, ...] = (), **sections: Any) -> Manifest:
+        """Read-modify-write: merge `stages`/`artifacts`/top-level keys into the manifest and drop the
+        artifact entries of `forget`, in one atomic write."""
         manifest = self.read_manifest()
         raw: dict[str, Any] = manifest  # type: ignore[assignment]  # keys are checked by the callers' sections
+        for path in forget:
+            raw["artifacts"].pop(self.relative(path), None)
         for key, value in sections.items():
             if key == "stages":
                 for stage, content in value.items():

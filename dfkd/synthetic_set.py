@@ -93,23 +93,23 @@ class SyntheticSet:
     def write_shard(
         self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], state: dict[str, Any]
     ) -> None:
-        """Write shard `index` and the producer's `state` after it, record both in one manifest write,
-        then drop the state after the shard before (only the latest is kept)."""
+        """Write shard `index` and the producer's `state` after it, and record both in one manifest write
+        that also forgets the state after the shard before (only the latest is kept; its file goes last)."""
         path = self.shard_path(index)
         digest = atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
         state_path = self.state_path(index)
         state_bytes = safetensors_bytes(state["tensors"], {"scalars": json.dumps(state["scalars"])})
         state_digest = atomic_write_bytes(state_path, state_bytes)
+        previous = (self.state_path(index - 1),) if index > 0 else ()
         self.run.update_manifest(
+            forget=previous,
             artifacts={
                 **self.run.artifact_entry(path, STAGE, "shard", digest),
                 **self.run.artifact_entry(state_path, STAGE, "state", state_digest),
-            }
+            },
         )
-        if index > 0:
-            previous = self.state_path(index - 1)
-            self.run.forget_artifacts(previous)
-            previous.unlink(missing_ok=True)
+        for stale in previous:
+            stale.unlink(missing_ok=True)
 
     def read_state(self, index: int) -> dict[str, Any] | None:
         """The producer's state saved with shard `index`, checked against its manifest hash; None when

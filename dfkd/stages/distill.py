@@ -2,7 +2,8 @@
 
 The temperature is stochastic (a new τ ~ U[2, 20] per batch, Rafat et al. 2023), fixed, or tuned by a
 grid of full trials. Output under `<run>/student/`:
-    <trial>/resume.safetensors   per-epoch resumable state (model, optimiser, schedule, τ sampler, data order)
+    <trial>/resume-eNNNN.safetensors  the state after the last epoch (model, optimiser, schedule, τ sampler,
+                                 data order); `resume.safetensors` in runs made before per-epoch names
     <trial>/metrics.jsonl        one JSON line per epoch (loss, lr, img/s, τ histogram, agreement, accuracy)
     <trial>/student.safetensors  the trial's final student
     student.safetensors          the run's student (the winner, for a grid)
@@ -161,14 +162,24 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
     data = DistillData(train.to(device), holdout, real_labels, holdout_logits, validation)
     trials = [f"tau={v:g}" for v in spec.grid] if spec.mode == "grid" else [f"tau={config.tau}"]
     # The images and the teacher a student learns from: a new synthetic set or teacher means a new student.
-    origin = (
-        f"data {Path(config.data).resolve()}"
-        if config.data
-        else f"synthesis {synthesis_of(run.read_manifest())['config_hash']}"
-    )
-    return PreparedDistill(
-        config, teacher, meta, teacher_sha, device, data, test_set, trials, f"{origin}; teacher {teacher_sha}"
-    )
+    source = student_source(config, synthesis_of(run.read_manifest()).get("config_hash", ""), teacher_sha)
+    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, source)
+
+
+def student_source(config: DistillConfig, synthesis_hash: str, teacher_sha256: str) -> str:
+    """The images and the teacher a student learns from: a new synthetic set or teacher means a new student."""
+    origin = f"data {Path(config.data).resolve()}" if config.data else f"synthesis {synthesis_hash}"
+    return f"{origin}; teacher {teacher_sha256}"
+
+
+def check_same_distillation(run: RunDir, identity: str) -> None:
+    """A run that holds a distillation with another identity is refused (before anything is written)."""
+    existing = distillation_of(run.read_manifest())
+    if existing and existing.get("identity") != identity:
+        raise DfkdError(
+            f"run dir {run.root} already holds a distillation with other settings: pass --overwrite to replace it "
+            "or use another --run"
+        )
 
 
 def trial_dir(run: RunDir, trial: str) -> Path:
@@ -181,6 +192,35 @@ def _sampler_for(prepared: PreparedDistill, trial: str) -> TauSampler:
     if spec.mode == "grid":
         spec = TauSpec("fixed", value=float(trial.removeprefix("tau=")))
     return make_sampler(spec, (config.tau_range[0], config.tau_range[1]), config.seed, config.tau_per == "sample")
+
+
+RESUME_ROLE = "resume-state"
+
+
+def _resume_state(run: RunDir, folder: Path) -> Path | None:
+    """The trial's resume state the manifest records, checked against its hash; None to start afresh.
+
+    A state file the manifest does not record was being written when the process was killed: it is
+    removed. A recorded one that no longer matches its hash is refused, never loaded.
+    """
+    prefix = f"{run.relative(folder)}/"
+    recorded = [
+        run.root / key
+        for key, entry in run.read_manifest()["artifacts"].items()
+        if key.startswith(prefix) and entry.get("role") == RESUME_ROLE
+    ]
+    for path in [*folder.glob("resume*.safetensors"), *folder.glob(".resume*.tmp")]:
+        if path not in recorded:
+            path.unlink()
+    if not recorded:
+        return None
+    path = max(recorded)
+    if not run.artifact_intact(path):
+        raise DfkdError(
+            f"{run.relative(path)} is missing or does not match its manifest hash (damaged since it was saved): "
+            f"pass --overwrite to distil again from the start, or restore the file"
+        )
+    return path
 
 
 def _save_resume(
@@ -289,9 +329,9 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     )
     sampler = _sampler_for(prepared, trial)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    resume_path = folder / "resume.safetensors"
+    resume_path = _resume_state(run, folder)
     start_epoch, log = 0, list[dict[str, Any]]()
-    if resume_path.exists():
+    if resume_path is not None:
         start_epoch, log = _load_resume(
             resume_path, student, optimizer, scheduler, sampler, generator, prepared.identity
         )
@@ -326,18 +366,25 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
                 {k: v for k, v in _evaluation_figures(prepared, student, with_test=True).items() if k != "test_metrics"}
             )
         log.append(entry)
+        nonlocal resume_path
+        previous, resume_path = resume_path, folder / f"resume-e{stats.epoch:04d}.safetensors"
         digest = _save_resume(
             resume_path, student, optimizer, scheduler, sampler, generator, stats.epoch, log, prepared.identity
         )
         metrics_digest = atomic_write_bytes(
             folder / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode()
         )
+        # The new state and the forgetting of the one before it are one manifest write: a kill at any
+        # point leaves exactly one recorded, intact state to resume from.
         run.update_manifest(
+            forget=(previous,) if previous is not None else (),
             artifacts={
-                **run.artifact_entry(resume_path, "distillation", "resume-state", digest),
+                **run.artifact_entry(resume_path, "distillation", RESUME_ROLE, digest),
                 **run.artifact_entry(folder / "metrics.jsonl", "distillation", "metrics", metrics_digest),
-            }
+            },
         )
+        if previous is not None:
+            previous.unlink(missing_ok=True)
 
     def last_tau() -> str:
         if not drawn:
@@ -453,13 +500,8 @@ def publish_student(run: RunDir, trial: str) -> Path:
 
 def record_config(prepared: PreparedDistill, run: RunDir) -> None:
     """Record the resolved config; a run that holds a different distillation must be overwritten first."""
-    existing = distillation_of(run.read_manifest())
     identity = prepared.identity
-    if existing and existing.get("identity") != identity:
-        raise DfkdError(
-            f"run dir {run.root} already holds a distillation with other settings: pass --overwrite to replace it "
-            "or use another --run"
-        )
+    check_same_distillation(run, identity)
     run.update_manifest(
         stages={
             "distillation": {
@@ -517,6 +559,7 @@ def run_distillation(
         if done is not None:
             results[trial] = done
             continue
+        _resume_state(run, trial_dir(run, trial))  # a damaged state is refused before the trial's meter starts
         stage = f"distillation[{trial}]" if grid else "distillation"
         info = {
             "student": config.student,

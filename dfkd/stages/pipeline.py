@@ -20,8 +20,8 @@ from dfkd.files import atomic_path, atomic_write_json
 from dfkd.manifest import synthesis_of
 from dfkd.report.build import build_report
 from dfkd.rundir import SYNTHETIC_DIR, RunDir
-from dfkd.stages.distill import distill_run
-from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
+from dfkd.stages.distill import check_same_distillation, distill_run, student_source
+from dfkd.stages.synthesis import check_same_synthesis, prepare_synthesis, run_synthesis
 from dfkd.synthetic_set import SyntheticSet
 
 RECIPE_FILE = "recipe.json"
@@ -35,8 +35,8 @@ def check_inputs(recipe: Recipe) -> None:
             check_data_path(path)
 
 
-def record_recipe(run: RunDir, recipe: Recipe) -> None:
-    """Save the resolved recipe; a run dir made from another recipe (or other --set values) is refused."""
+def check_same_recipe(run: RunDir, recipe: Recipe) -> None:
+    """A run dir made from another recipe (or other --set values) is refused."""
     resolved = recipe.resolved()
     existing = run.read_manifest().get("recipe")
     if existing is not None and existing != resolved:
@@ -51,6 +51,12 @@ def record_recipe(run: RunDir, recipe: Recipe) -> None:
             f"run dir {run.root} was made from another recipe or other settings ({', '.join(changed)} differ): "
             "use another --run or the same settings"
         )
+
+
+def record_recipe(run: RunDir, recipe: Recipe) -> None:
+    """Save the resolved recipe; a run dir made from another recipe (or other --set values) is refused."""
+    check_same_recipe(run, recipe)
+    resolved = recipe.resolved()
     path = run.root / RECIPE_FILE
     digest = atomic_write_json(path, resolved)
     run.update_manifest(recipe=resolved, artifacts=run.artifact_entry(path, "run", "recipe", digest))
@@ -62,6 +68,11 @@ def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[s
     prepared = prepare_synthesis(recipe.synthesis)
     run = RunDir.open(root)
     with run.locked():
+        # Every refusal comes before the first write: a refused run leaves the run dir as it was.
+        check_same_recipe(run, recipe)
+        check_same_synthesis(run, prepared)
+        source = student_source(recipe.distill, prepared.config_hash, prepared.teacher_sha256)
+        check_same_distillation(run, recipe.distill.identity(source))
         record_recipe(run, recipe)
         synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
         distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)
