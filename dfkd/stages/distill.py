@@ -162,8 +162,8 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
     data = DistillData(train.to(device), holdout, real_labels, holdout_logits, validation)
     trials = [f"tau={v:g}" for v in spec.grid] if spec.mode == "grid" else [f"tau={config.tau}"]
     # The images and the teacher a student learns from: a new synthetic set or teacher means a new student.
-    source = student_source(config, synthesis_of(run.read_manifest()).get("config_hash", ""), teacher_sha)
-    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, source)
+    identity_source = student_source(config, synthesis_of(run.read_manifest()).get("config_hash", ""), teacher_sha)
+    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, identity_source)
 
 
 def student_source(config: DistillConfig, synthesis_hash: str, teacher_sha256: str) -> str:
