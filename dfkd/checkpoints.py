@@ -25,6 +25,15 @@ _REQUIRED = ("arch", "num_classes", "mean", "std", "dataset")
 _CORE = set(_REQUIRED) | {"input_size", "test_acc"}
 
 
+Stats = tuple[float, float, float]
+
+
+def as_recorded(values: tuple[float, ...]) -> Stats:
+    """Normalisation figures as a checkpoint's metadata keeps them (6 significant digits)."""
+    first, second, third = (float(f"{v:g}") for v in values)
+    return first, second, third
+
+
 @dataclass(frozen=True)
 class CheckpointMeta:
     """What a checkpoint says about itself; `extra` holds keys beyond the core ones."""
@@ -43,7 +52,7 @@ class CheckpointMeta:
             "arch": self.arch,
             "num_classes": str(self.num_classes),
             "input_size": str(self.input_size),
-            "mean": ",".join(f"{v:g}" for v in self.mean),
+            "mean": ",".join(f"{v:g}" for v in self.mean),  # as_recorded: the same 6 significant digits
             "std": ",".join(f"{v:g}" for v in self.std),
             "dataset": self.dataset,
         }

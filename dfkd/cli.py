@@ -18,7 +18,7 @@ from dfkd.carbon.config import CarbonConfig
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
 from dfkd.errors import DfkdError
-from dfkd.files import sha256_file
+from dfkd.files import ensure_writable, sha256_file
 from dfkd.models import list_models, model_spec
 from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.rundir import RunDir, default_run_dir
@@ -48,27 +48,43 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
     _state["debug"] = debug
 
 
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a `DfkdError` (or a full disk) into one line on stderr and exit code 2 (a traceback only with --debug).
+# The packages `dfkd report`, `audit` and `validate` run without; every other command needs them.
+_HEAVY_PACKAGES = ("torch", "torchvision", "kornia", "codecarbon")
 
-    A full disk is the user's to fix, and every file is written atomically, so the run resumes once there is room.
+
+def _one_line(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, DfkdError):
+        return str(exc)
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in _HEAVY_PACKAGES:
+        return (
+            f"this command needs {exc.name}, which is not installed here: pip install -e . "
+            "(dfkd report, audit and validate run without it)"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}: free some space and rerun the same command to resume"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}: check the path (a file, not a folder) and its permissions"
+    return None
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a user's error into one line on stderr and exit code 2 (a traceback only with --debug).
+
+    User errors are a `DfkdError`, a missing heavy package, and a file-system error on a named path (a full
+    disk, a folder where a file belongs, no permission). Every file is written atomically, so a run resumes
+    once the cause is fixed.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (DfkdError, OSError) as exc:
-            if _state["debug"] or (isinstance(exc, OSError) and exc.errno != errno.ENOSPC):
+        except (DfkdError, OSError, ModuleNotFoundError) as exc:
+            message = _one_line(exc)
+            if _state["debug"] or message is None:
                 raise
-            message = (
-                str(exc)
-                if isinstance(exc, DfkdError)
-                else (
-                    f"no space left on device{f' writing {exc.filename}' if exc.filename else ''}: "
-                    "free some space and rerun the same command to resume"
-                )
-            )
             # Text, not markup: a message may hold brackets (a path, a TOML section) that rich would eat.
             err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -156,9 +172,6 @@ def teacher_train(
 
     if out_path.suffix != ".safetensors":
         raise DfkdError(f"--out {out_path} must end in .safetensors")
-    if out_path.is_dir():
-        # Caught here, not when the trained model is saved hours later.
-        raise DfkdError(f"--out {out_path} is a folder: pass the path of a .safetensors file to write")
     config = apply_overrides(
         TeacherConfig(),
         {
@@ -179,6 +192,7 @@ def teacher_train(
     carbon = carbon_config(pue, country, grid)
     torch_device = resolve_device(device)
     check_data_path(data)
+    ensure_writable(out_path)  # here, not when the trained model is saved hours later
     run_dir = RunDir.open(run or default_run_dir(f"teacher-{arch}"))
     with run_dir.locked():
         run_dir.update_manifest(carbon=config_dict(carbon))
@@ -243,10 +257,10 @@ def evaluate_command(
 @checkpoint_app.command("info")
 @user_errors
 def checkpoint_info(path: Path = typer.Argument(..., help="A .safetensors checkpoint."), as_json: bool = JSON) -> None:
-    """Print a checkpoint's validated metadata and sha256."""
-    from dfkd.checkpoints import read_meta
+    """Print a checkpoint's validated metadata and sha256; exit 2 when it would not load."""
+    from dfkd.checkpoints import load_checkpoint
 
-    meta = read_meta(path)
+    _, meta = load_checkpoint(path)  # everything `load` checks: metadata, tensor names and shapes
     info = {**meta.to_strings(), "sha256": sha256_file(path), "path": str(path)}
     if as_json:
         print_json(info)
@@ -449,6 +463,8 @@ def report_command(
     from dfkd.report.build import build_report
     from dfkd.report.render import render, render_table
 
+    if out_file is not None:
+        ensure_writable(out_file)
     report = build_report(runs)
     if out_file is None and fmt == "table":
         out.print(render_table(report))

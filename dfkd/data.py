@@ -47,6 +47,7 @@ Layout = Literal["cifar10-python", "cifar100-python", "imagefolder"]
 _CACHE_FORMAT = "dfkd.data/1"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _CHUNK = 512
+_STATS_BYTES = 256 << 20  # working memory of `ImageSet.channel_stats`, whatever the image size
 _ACCEPTED = (
     "a CIFAR-10 python folder (cifar-10-batches-py, or the folder holding it), "
     "a CIFAR-100 python folder (cifar-100-python, or the folder holding it), "
@@ -90,8 +91,10 @@ class ImageSet:
         """Per-channel mean and std of the pixels in [0, 1], summed in float64 over chunks of images."""
         total = torch.zeros(3, dtype=torch.float64)
         squares = torch.zeros(3, dtype=torch.float64)
-        for start in range(0, len(self), _CHUNK * 8):
-            chunk = self.images[start : start + _CHUNK * 8].to("cpu", torch.float64).div_(255)
+        per_image = self.images[0].numel() * 8 * 2  # float64, and its square
+        step = max(1, _STATS_BYTES // per_image)
+        for start in range(0, len(self), step):
+            chunk = self.images[start : start + step].to("cpu", torch.float64).div_(255)
             total += chunk.sum(dim=(0, 2, 3))
             squares += chunk.square().sum(dim=(0, 2, 3))
         count = len(self) * self.images.shape[-2] * self.images.shape[-1]

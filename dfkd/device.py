@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from contextlib import AbstractContextManager
 from typing import cast
@@ -33,6 +34,13 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory that can still be allocated on `device`: free GPU memory, or available physical RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def autocast(device: torch.device) -> AbstractContextManager[None]:

@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dfkd.errors import DfkdError
+
 _CHUNK = 1 << 20
 
 
@@ -55,16 +57,43 @@ def atomic_path(path: Path) -> Iterator[Path]:
     On any exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        # Name the file the caller meant, not the temporary one beside it.
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_writable(path: Path) -> None:
+    """Check before any work that a file can be written at `path`; creates nothing that stays.
+
+    A result that cannot be saved after hours of training is lost work, so commands check first.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DfkdError(f"{path} is a folder: pass the path of a file to write")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DfkdError(f"cannot write {path}: {existing} is a file, not a folder; choose another location")
+    try:
+        if existing == path.parent:  # a real write, which also catches read-only file systems
+            probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+            probe.write_bytes(b"")
+            probe.unlink()
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(existing))
+    except OSError as exc:
+        raise DfkdError(f"cannot write {path} ({exc.strerror}): choose a writable location") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> str:
@@ -77,6 +106,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> str:
 def atomic_write_json(path: Path, obj: Any) -> str:
     """Write `obj` as indented JSON atomically and return the file's sha256."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def symlinks_under(root: Path) -> list[Path]:
+    """Every symbolic link inside `root` (files and folders; links are not followed), sorted."""
+    links = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        links += [Path(folder) / name for name in (*dirs, *files) if (Path(folder) / name).is_symlink()]
+    return sorted(links)
 
 
 def package_versions() -> dict[str, str]:

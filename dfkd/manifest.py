@@ -75,7 +75,7 @@ class DistillationSection(TypedDict, total=False):
     finished_utc: str
 
 
-class TeacherSection(TypedDict, total=False):
+class TeacherTrainingSection(TypedDict, total=False):
     """`dfkd teacher train`: its settings, per-epoch log and the checkpoint it wrote."""
 
     config: dict[str, Any]
@@ -90,7 +90,7 @@ class TeacherSection(TypedDict, total=False):
 class Stages(TypedDict, total=False):
     synthesis: SynthesisSection
     distillation: DistillationSection
-    teacher: TeacherSection
+    teacher: TeacherTrainingSection
 
 
 class Manifest(TypedDict, total=False):
@@ -128,9 +128,9 @@ def load_manifest(path: Path) -> Manifest | None:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DfkdError(f"manifest {path} is unreadable ({exc}): restore it or start a new --run") from None
+        raise DfkdError(f"manifest {path} is unreadable ({exc}): restore it from a backup") from None
     if not isinstance(manifest, dict):
-        raise DfkdError(f"manifest {path} is not a JSON object: restore it or start a new --run")
+        raise DfkdError(f"manifest {path} is not a JSON object: restore it from a backup")
     manifest.setdefault("stages", {})
     manifest.setdefault("artifacts", {})
     return manifest  # type: ignore[return-value]

@@ -20,7 +20,7 @@ from typing import Any
 
 from dfkd.carbon.ledger import LEDGER_FILE
 from dfkd.errors import DfkdError
-from dfkd.files import sha256_file
+from dfkd.files import sha256_file, symlinks_under
 from dfkd.manifest import MANIFEST_FILE, ArtifactEntry, Manifest, load_manifest, new_manifest, save_manifest
 
 SYNTHETIC_DIR = "synthetic"
@@ -66,6 +66,12 @@ class RunDir:
                 ) from None
         if not os.access(root, os.W_OK | os.X_OK):
             raise DfkdError(f"run dir {root} is not writable: choose a writable --run path")
+        links = symlinks_under(root)
+        if links:
+            raise DfkdError(
+                f"run dir {root} holds a symbolic link, {links[0].relative_to(root)}: dfkd does not follow links "
+                "in a run dir (a write would land outside it); replace it with the file itself"
+            )
         return cls(root)
 
     def lock(self) -> None:
@@ -73,7 +79,7 @@ class RunDir:
 
         flock is released by the kernel when the holder dies, so a killed run never blocks the next.
         """
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -111,11 +111,15 @@ class SyntheticSet:
         for stale in previous:
             stale.unlink(missing_ok=True)
 
+    def state_intact(self, index: int) -> bool:
+        """Whether the producer's state after shard `index` is there and matches its manifest hash."""
+        return self.run.artifact_intact(self.state_path(index))
+
     def read_state(self, index: int) -> dict[str, Any] | None:
         """The producer's state saved with shard `index`, checked against its manifest hash; None when
         it is missing or does not match."""
         path = self.state_path(index)
-        if not self.run.artifact_intact(path):
+        if not self.state_intact(index):
             return None
         with safe_open(str(path), framework="pt") as f:
             scalars = json.loads(f.metadata()["scalars"])

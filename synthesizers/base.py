@@ -127,6 +127,11 @@ class Synthesizer(ABC):
         if method != self.name:
             raise ValueError(f"state was saved by synthesizer {method!r}, not {self.name!r}")
 
+    @classmethod
+    def persistent_memory(cls, config: Any, teacher: nn.Module) -> tuple[int, str]:
+        """Bytes the method keeps across batches on its device, and what they are (checked before a run)."""
+        return 0, "nothing"
+
     @abstractmethod
     def synthesize(self, targets: Tensor, progress: Progress | None = None) -> SynthesisBatch:
         """Synthesise one image per entry of `targets`.

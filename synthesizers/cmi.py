@@ -43,6 +43,7 @@ from synthesizers.base import (
     SynthesizerState,
     keep_lowest,
 )
+from synthesizers.bn_stats import batchnorm_layers
 from synthesizers.configs import CMIConfig
 from synthesizers.registry import register
 
@@ -134,6 +135,11 @@ class CMI(Synthesizer):
         self.global_view = nn.Sequential(
             K.RandomResizedCrop(size, scale=(0.25, 1.0), cropping_mode="resample"), K.RandomHorizontalFlip()
         )
+
+    @classmethod
+    def persistent_memory(cls, config: CMIConfig, teacher: nn.Module) -> tuple[int, str]:
+        features = sum(layer.num_features for layer in batchnorm_layers(teacher))
+        return config.bank_size * features * 4, f"CMI's memory bank (bank_size {config.bank_size} x {features} fp32)"
 
     def embed(self, features: Tensor) -> Tensor:
         """Unit-length head embeddings of raw instance features, in fp32."""

@@ -146,6 +146,7 @@ def test_teacher_train_records_the_size_and_statistics_of_its_data(tmp_path: Pat
     )
     teacher = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["teacher"]
     assert teacher["input_size"] == 64 and teacher["mean"] == pytest.approx(list(mean))
+    assert teacher["mean"] == list(meta.mean), "trained with exactly the figures the checkpoint records"
 
 
 def test_teacher_train_writes_checkpoint_ledger_and_manifest(tmp_path: Path, cifar_jpeg_root: Path) -> None:

@@ -80,7 +80,8 @@ def append_record(ledger_path: Path, record: dict[str, Any]) -> dict[str, Any]:
     written = {"schema": LEDGER_SCHEMA, "seq": seq, "prev_sha256": prev, **fields}
     written["record_sha256"] = _record_sha256(written)
     ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a ledger replaced by a link must not append to whatever file it points at.
+    fd = os.open(ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "wb") as f:
         # A last line saved without its newline (by an editor) must not swallow this one.
         separator = b"\n" if existing and not existing.endswith(b"\n") else b""

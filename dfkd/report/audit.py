@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from dfkd.carbon.ledger import LEDGER_FILE, verify_ledger
 from dfkd.errors import DfkdError
-from dfkd.files import sha256_file
+from dfkd.files import sha256_file, symlinks_under
 from dfkd.manifest import MANIFEST_FILE, Manifest, load_manifest
 from dfkd.report.audit_manifest import manifest_problems, short
 from dfkd.report.build import ENERGY_PARTS, PHASES, REPORT_SCHEMA, build_report, phase_of
@@ -231,6 +232,14 @@ def _totals_problems(run: Path, records: list[dict[str, Any]], report: dict[str,
     return problems + (_saved_report_problems(report, fresh) if report is not None else [])
 
 
+def _link_problems(run: Path) -> list[str]:
+    """A run dir holds files, not links: a link can point anywhere, so what it shows is not the run's."""
+    return [
+        f"{link.relative_to(run).as_posix()}: a symbolic link (to {os.readlink(link)}), not a file of the run"
+        for link in symlinks_under(run)
+    ]
+
+
 def _pending_problems(run: Path) -> list[str]:
     """Energy snapshots of stages whose record is not in the ledger: their energy is missing from it."""
     problems = []
@@ -268,4 +277,5 @@ def audit_run(run: Path, report: dict[str, Any] | None = None) -> list[str]:
             "carbon.jsonl: records lack the fields a ledger record has, so the manifest cannot be checked against them"
         )
     problems += _pending_problems(run)
+    problems += _link_problems(run)
     return problems + _totals_problems(run, records, report)

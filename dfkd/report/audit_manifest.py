@@ -66,25 +66,39 @@ def _without_test_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shard_problems(section: SynthesisSection, artifacts: dict[str, Any], run_root: Path) -> list[str]:
-    """Every listed shard carries the manifest's config hash and teacher hash in its own metadata."""
+    """Every listed shard carries the manifest's method, config hash and teacher hash and its own index and
+    image count in its metadata; a shard file the manifest does not list is reported."""
     problems = []
     shards = sorted(
         path for path, entry in artifacts.items() if isinstance(entry, dict) and entry.get("role") == "shard"
     )
+    problems += [
+        f"{path.relative_to(run_root).as_posix()}: a shard file the manifest does not list "
+        "(left by a killed run or added by hand; it is not part of the synthetic set)"
+        for path in sorted((run_root / "synthetic").glob("shard-*.safetensors"))
+        if path.relative_to(run_root).as_posix() not in shards
+    ]
     if section.get("shards") is not None and len(shards) != section["shards"]:
         problems.append(
             f"manifest.json stages.synthesis.shards: {section['shards']} but artifacts list {len(shards)} shards"
         )
-    expected = {"config_hash": section.get("config_hash"), "teacher_sha256": section.get("teacher", {}).get("sha256")}
+    common = {
+        "method": section.get("config", {}).get("method"),
+        "config_hash": section.get("config_hash"),
+        "teacher_sha256": section.get("teacher", {}).get("sha256"),
+    }
     for path in shards:
         try:
             with safe_open(str(run_root / path), framework="numpy") as f:
                 metadata = f.metadata() or {}
+                images = f.get_slice("images").get_shape()[0]
         except Exception as exc:  # safetensors raises its own error types for a damaged header
             problems.append(f"{path}: cannot be read as safetensors ({type(exc).__name__})")
             continue
+        expected = {**common, "index": str(int(Path(path).stem.removeprefix("shard-"))), "count": str(images)}
         problems += [
-            f"{path}: its metadata {key} {short(metadata.get(key))} differs from manifest.json's {short(value)}"
+            f"{path}: its metadata {key} {short(metadata.get(key))} differs from {short(value)} "
+            f"({'its place and its images' if key in ('index', 'count') else 'manifest.json'})"
             for key, value in expected.items()
             if metadata.get(key) != value
         ]

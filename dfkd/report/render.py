@@ -1,6 +1,6 @@
 """The report as a rich table for people at a terminal, as markdown, or as text in any format.
 
-Both layouts show the cells of `dfkd.report_format`, so they carry the same figures; `render`
+Both layouts show the cells of `dfkd.report.format`, so they carry the same figures; `render`
 is the one entry point for `dfkd report --format ... [--out FILE]`.
 """
 

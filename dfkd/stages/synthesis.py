@@ -24,7 +24,7 @@ from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.synthesis import SynthesisConfig
-from dfkd.device import resolve_device
+from dfkd.device import free_memory_bytes, resolve_device
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, sha256_file
 from dfkd.manifest import synthesis_of
@@ -93,9 +93,15 @@ def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) ->
             f"teacher {teacher_path} ({meta.arch}) has no BatchNorm layers with running statistics: model inversion "
             "matches BN statistics, so use a teacher with BatchNorm"
         )
-    return PreparedSynthesis(
-        config, method_config, teacher, meta, sha256_file(teacher_path), resolve_device(config.device)
-    )
+    device = resolve_device(config.device)
+    needed, what = get_synthesizer(config.method).persistent_memory(method_config, teacher)
+    free = free_memory_bytes(device)
+    if needed > free:
+        raise DfkdError(
+            f"{what} needs {needed / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB free on {device}: "
+            f"lower the {config.method} setting that sets its size"
+        )
+    return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), device)
 
 
 def batch_targets(batch_index: int, batch_size: int, count: int, num_classes: int) -> torch.Tensor:
@@ -128,7 +134,7 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
     done = next(
         (i for i, path in enumerate(shards) if synthetic.shard_count(path) != prepared.batch_count(i)), len(shards)
     )
-    if done and synthetic.read_state(done - 1) is None and _build_synthesizer(prepared).state_dict()["tensors"]:
+    if done and not synthetic.state_intact(done - 1) and _build_synthesizer(prepared).state_dict()["tensors"]:
         raise DfkdError(
             f"{prepared.config.method} cannot continue after shard {done - 1} of {run.root}: only its state after the "
             f"last shard is kept, and shard {done} is damaged or holds another number of images; restore that shard "

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from dfkd.carbon.flops import supervised_step_flops
-from dfkd.checkpoints import CheckpointMeta, save_checkpoint
+from dfkd.checkpoints import CheckpointMeta, as_recorded, save_checkpoint
 from dfkd.config.overrides import config_dict
 from dfkd.config.teacher import TeacherConfig
 from dfkd.data import check_data_path, load_split, split_shape, stratified_subset
@@ -43,7 +43,9 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
     test_set = load_split(Path(config.data), "test")
     if config.train_subset:
         train_set = train_set.subset(stratified_subset(train_set.labels, config.train_subset, config.seed))
-    mean, std = train_set.channel_stats()
+    # Train with exactly the figures the checkpoint will record, so synthesis, distillation and
+    # `dfkd evaluate` normalise as the teacher learnt.
+    mean, std = (as_recorded(stats) for stats in train_set.channel_stats())
     input_size = train_set.input_size
     model = prepare_model(create_model(config.arch, train_set.num_classes), device)
     steps_per_epoch = len(train_set.images) // config.batch_size

@@ -107,8 +107,8 @@ def test_identical_runs_write_identical_bytes(tmp_path: Path, tiny_recipe_sets: 
     assert states[0] == states[1]
 
 
-def fails(*args: str) -> str:
-    result = CliRunner().invoke(app, [*args, "--json"])
+def fails(*args: str, json_flag: bool = True) -> str:
+    result = CliRunner().invoke(app, [*args, *(["--json"] if json_flag else [])])
     assert result.exit_code == 2, (result.output, result.exception)
     message = result.stderr.strip()
     assert message.startswith("error:") and "\n" not in message and "Traceback" not in result.output, message
@@ -232,3 +232,94 @@ def test_a_refused_run_changes_nothing(tmp_path: Path, tiny_recipe_sets: list[st
     assert "other settings" in message
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"} == files
     assert "recipe" not in json.loads((run / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("name", [".lock", "carbon.jsonl", "manifest.json"])
+def test_a_run_dir_holding_links_is_refused_and_audited(tmp_path: Path, tiny_recipe_sets: list[str], name: str) -> None:
+    run = tmp_path / "run"
+    run_recipe(tiny_recipe(tiny_recipe_sets), run, show_progress=False)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not dfkd's\n")
+    original = run / name
+    original.unlink(missing_ok=True)
+    original.symlink_to(outside)
+    sets = [*tiny_recipe_sets, *(item for value in SMALL for item in ("--set", value))]
+    message = fails("run", str(QUICKSTART), "--run", str(run), *sets)
+    assert f"holds a symbolic link, {name}" in message
+    assert outside.read_text() == "not dfkd's\n", "nothing written through the link"
+    assert any(problem.startswith(f"{name}: a symbolic link") for problem in audit_run(run))
+
+
+def test_file_system_errors_are_one_line_and_checked_before_the_work(
+    tmp_path: Path, tiny_recipe_sets: list[str], tiny_teacher: Path
+) -> None:
+    run = tmp_path / "run"
+    run_recipe(tiny_recipe(tiny_recipe_sets), run, show_progress=False)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert "is a folder" in fails("report", str(run), "--format", "json", "--out", str(folder), json_flag=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "teacher.safetensors"
+    message = fails("teacher", "train", "--data", str(tmp_path), "--out", str(out), "--run", str(tmp_path / "t"))
+    assert "does not exist" in message or "matches no dataset" in message  # the data is checked first
+    cifar_like = tmp_path / "data"
+    for split in ("train", "test"):
+        (cifar_like / split / "a").mkdir(parents=True)
+        (cifar_like / split / "a" / "x.png").write_bytes(b"")
+    message = fails("teacher", "train", "--data", str(cifar_like), "--out", str(out), "--run", str(tmp_path / "t"))
+    assert f"cannot write {out}" in message and "is a file, not a folder" in message
+    assert not (tmp_path / "t").exists(), "refused before a run dir was made"
+
+
+def test_a_bank_too_large_for_memory_is_refused_before_allocation(tmp_path: Path, tiny_teacher: Path) -> None:
+    settings = ["--set", "bank_size=100000000000", "--set", "num_negatives=8", "--set", "head_dim=16"]
+    message = fails("synthesize", "--run", str(tmp_path / "run"), "--teacher", str(tiny_teacher), *settings)
+    assert "CMI's memory bank (bank_size 100000000000 x" in message and "GiB free on cpu" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_audit_compares_shard_metadata_and_reports_an_unlisted_shard(
+    tmp_path: Path, tiny_recipe_sets: list[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    from dfkd.tensor_files import safetensors_bytes
+
+    run = tmp_path / "run"
+    run_recipe(tiny_recipe(tiny_recipe_sets), run, show_progress=False)
+    shard = run / "synthetic" / "shard-00001.safetensors"
+    extra = run / "synthetic" / "shard-00007.safetensors"
+    extra.write_bytes(shard.read_bytes())
+    assert audit_run(run) == [
+        "synthetic/shard-00007.safetensors: a shard file the manifest does not list "
+        "(left by a killed run or added by hand; it is not part of the synthetic set)"
+    ]
+    extra.unlink()
+    # A shard re-labelled as another index, with its manifest hash updated to match: only its metadata tells.
+    tensors = load_file(shard)
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        metadata = {**f.metadata(), "index": "0"}
+    shard.write_bytes(safetensors_bytes(tensors, metadata))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["artifacts"]["synthetic/shard-00001.safetensors"].update(
+        sha256=sha256_file(shard), bytes=shard.stat().st_size
+    )
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    problems = audit_run(run)
+    assert any("shard-00001.safetensors: its metadata index '0' differs from '1'" in p for p in problems), problems
+
+
+def test_checkpoint_info_refuses_a_checkpoint_that_would_not_load(tmp_path: Path, tiny_teacher: Path) -> None:
+    from safetensors import safe_open
+
+    from dfkd.tensor_files import safetensors_bytes
+
+    with safe_open(str(tiny_teacher), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "fc.bias"}
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(safetensors_bytes(tensors, metadata))
+    assert "missing keys ['fc.bias']" in fails("checkpoint", "info", str(broken))
