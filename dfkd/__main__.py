@@ -1,5 +1,5 @@
 """`python -m dfkd` runs the CLI."""
 
-from dfkd.cli import app
+from dfkd.cli import main
 
-app()
+main()

@@ -77,6 +77,8 @@ class CheckpointMeta:
             arch = raw["arch"]
             input_size = int(raw.get("input_size", model_spec(arch).input_size))
             test_acc = float(raw["test_acc"]) if raw.get("test_acc") not in (None, "") else None
+            if test_acc is not None and not 0.0 <= test_acc <= 100.0:  # also refuses NaN
+                raise ValueError(f"test_acc {raw['test_acc']} is not a percentage in [0, 100]")
         except ValueError as exc:
             raise DfkdError(f"checkpoint {source} has malformed metadata ({exc}): re-save it with dfkd") from None
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -187,6 +189,12 @@ def load_checkpoint(
         raise DfkdError(f"checkpoint {path} is corrupt or truncated ({exc}): re-create or re-download it") from None
     model = create_model(meta.arch, meta.num_classes)
     load_state_into(model, state, str(path))
+    broken = [name for name, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        raise DfkdError(
+            f"checkpoint {path} holds NaN or infinity in {len(broken)} tensors (first {broken[0]}): "
+            "it cannot be used; re-train or re-download it"
+        )
     return model.to(device).eval(), meta
 
 

@@ -605,3 +605,26 @@ def study_tau_command(
         return
     out.print(render_table(report))
     out.print(f"comparison saved in {root / STUDY_FILE}", highlight=False)
+
+
+def main() -> None:
+    """The `dfkd` entry point: the typer app, with a mistyped command line reported as one `error:` line
+    (exit 2) like every other user error, instead of a boxed usage message."""
+    # typer raises its own copy of click's UsageError (the base of its BadParameter), whichever click it uses.
+    usage_errors: tuple[type[Exception], ...] = tuple(
+        cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError"
+    )
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="dfkd", standalone_mode=False)
+    except usage_errors as exc:
+        message = str(getattr(exc, "format_message", lambda: "")())
+        if message:  # empty when the help was asked for by giving no arguments: it is already printed
+            context = getattr(exc, "ctx", None)
+            where = f" (see `{context.command_path} --help`)" if context is not None else ""
+            err.print(Text.assemble(("error:", "red"), " ", message + where), highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

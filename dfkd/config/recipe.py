@@ -105,6 +105,7 @@ class Recipe:
 # Keys of the stage configs that a recipe sets in another section.
 _SYNTHESIS_ELSEWHERE = ("teacher", "device", "method_settings")
 _DISTILL_ELSEWHERE = ("teacher", "device", "eval_data", "eval_every")
+SCALE_KEYS = (("synthesize", "num_images"), ("distill", "epochs"))
 _SECTIONS = ("run", "teacher", "synthesize", "distill", "evaluate", "carbon")
 
 
@@ -224,6 +225,13 @@ def build_recipe(name: str, data: dict[str, Any], overrides: dict[str, dict[str,
     carbon = _section(
         "carbon", merged.get("carbon", {}), CarbonConfig(), _keys(CarbonConfig, ()), from_file.get("carbon", set())
     )
+    # The defaults are the paper's scale (50,000 images, 200 epochs: GPU-hours); a recipe says its own.
+    for section, key in SCALE_KEYS:
+        if key not in merged.get(section, {}):
+            raise DfkdError(
+                f"recipe sets no {section}.{key}: a recipe states its scale (synthesize.num_images and "
+                "distill.epochs); the defaults would be the paper's 50,000 images and 200 epochs"
+            )
     return Recipe(name, run, teacher, synthesis, distill, evaluate, carbon)
 
 

@@ -135,6 +135,13 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
         (i for i, path in enumerate(shards) if synthetic.shard_count(path) != prepared.batch_count(i)), len(shards)
     )
     if done and not synthetic.state_intact(done - 1) and _build_synthesizer(prepared).state_dict()["tensors"]:
+        state = synthetic.state_path(done - 1)
+        if run.relative(state) in run.read_manifest()["artifacts"]:  # every shard is fine: the state is not
+            raise DfkdError(
+                f"{prepared.config.method} cannot continue after shard {done - 1} of {run.root}: its state "
+                f"{run.relative(state)} is missing or does not match its manifest hash; restore that file or pass "
+                "--overwrite to start over"
+            )
         raise DfkdError(
             f"{prepared.config.method} cannot continue after shard {done - 1} of {run.root}: only its state after the "
             f"last shard is kept, and shard {done} is damaged or holds another number of images; restore that shard "

@@ -323,3 +323,67 @@ def test_checkpoint_info_refuses_a_checkpoint_that_would_not_load(tmp_path: Path
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(safetensors_bytes(tensors, metadata))
     assert "missing keys ['fc.bias']" in fails("checkpoint", "info", str(broken))
+
+
+def test_a_mistyped_command_line_is_one_error_line() -> None:
+    import subprocess
+    import sys
+
+    for args, words in ((["distill", "--bogus"], "No such option: --bogus"), (["nosuch"], "No such command")):
+        result = subprocess.run([sys.executable, "-m", "dfkd", *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stdout == "", result
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: ") and words in line and "--help" in line, line
+
+
+def test_a_recipe_must_state_its_scale(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert "recipe sets no synthesize.num_images" in fails("validate", str(empty))
+    no_epochs = tmp_path / "no-epochs.toml"
+    no_epochs.write_text("[synthesize]\nnum_images = 300\n")
+    assert "recipe sets no distill.epochs" in fails("validate", str(no_epochs))
+
+
+def test_import_refuses_a_test_accuracy_that_is_not_a_percentage(tmp_path: Path, tiny_teacher: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    source = tmp_path / "tiny.pth"
+    torch.save(load_file(tiny_teacher), source)
+    for value in ("nan", "-5", "101"):
+        message = fails(
+            "checkpoint", "import", str(source), str(tmp_path / "t.safetensors"), "--arch", "tiny", "--test-acc", value
+        )
+        assert "not a percentage in [0, 100]" in message
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_teacher_with_non_finite_weights_is_blamed_not_the_method(tmp_path: Path, tiny_teacher: Path) -> None:
+    from safetensors import safe_open
+
+    from dfkd.tensor_files import safetensors_bytes
+
+    with safe_open(str(tiny_teacher), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["bn1.running_var"][0] = float("nan")
+    broken = tmp_path / "nan.safetensors"
+    broken.write_bytes(safetensors_bytes(tensors, metadata))
+    message = fails("synthesize", "--run", str(tmp_path / "run"), "--teacher", str(broken), "--device", "cpu")
+    assert "holds NaN or infinity" in message and "bn1.running_var" in message and "lr" not in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_cmi_state_is_named_as_the_state(
+    tmp_path: Path, tiny_recipe_sets: list[str], tiny_teacher: Path
+) -> None:
+    run = tmp_path / "run"
+    run_recipe(tiny_recipe(tiny_recipe_sets), run, show_progress=False)
+    (state,) = (run / "synthetic").glob("state-*.safetensors")
+    state.write_bytes(state.read_bytes()[:-8])
+    # The recipe's synthesis, asked for 4 more images: the set's settings, so it would continue from the state.
+    settings = ["nz=16", "ngf=8", "head_dim=16", "bank_size=64", "num_negatives=8"]
+    args = ["--num-images", "16", "--batch-size", "4", "--iterations", "3", "--teacher", str(tiny_teacher)]
+    args += ["--device", "cpu", *(item for setting in settings for item in ("--set", setting))]
+    message = fails("synthesize", "--run", str(run), *args)
+    assert f"its state synthetic/{state.name} is missing or does not match its manifest hash" in message
