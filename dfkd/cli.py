@@ -311,7 +311,7 @@ def checkpoint_import(
 @app.command("synthesize")
 @user_errors
 def synthesize_command(
-    method: str = typer.Option("cmi", "--method", help="Synthesis method: cmi or deepinversion."),
+    method: str = typer.Option("cmi", "--method", help="Synthesis method: cmi, deepinversion or fast."),
     teacher: Path = typer.Option(EMBEDDED_TEACHER_PATH, "--teacher", help="Teacher checkpoint (.safetensors)."),
     num_images: int = typer.Option(50_000, "--num-images", help="How many synthetic images to make."),
     batch_size: int = typer.Option(

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -59,6 +59,7 @@ class Synthesizer(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
     instance_features: ClassVar[bool] = False
+    takes_student: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -86,7 +87,9 @@ class Synthesizer(ABC):
         self.memory_format = torch.channels_last if self.on_cuda else torch.contiguous_format
         frozen = copy.deepcopy(teacher).to(self.device).to(memory_format=self.memory_format).eval()
         frozen.requires_grad_(False)
-        self.statistics = BatchNormStatistics(frozen, instance_features=self.instance_features)
+        # A config with a `bn_momentum` (Fast-DFKD) matches a moving average of the batches' statistics.
+        momentum = getattr(config, "bn_momentum", None)
+        self.statistics = BatchNormStatistics(frozen, instance_features=self.instance_features, momentum=momentum)
         # Hooks go on before compiling so that the compiled graph contains them.
         self.teacher = cast(nn.Module, torch.compile(frozen)) if config.compile and self.on_cuda else frozen
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -106,6 +109,10 @@ class Synthesizer(ABC):
         self.statistics.stat_rows = stat_rows
         return self.teacher(inputs.contiguous(memory_format=self.memory_format))
 
+    def student_logits(self, student: nn.Module, images: Tensor) -> Tensor:
+        """The student's logits of [0, 1] images, normalised as the teacher's (the student learns its inputs)."""
+        return student(((images - self.mean) / self.std).contiguous(memory_format=self.memory_format))
+
     @torch.no_grad()
     def clean_logits(self, images: Tensor) -> Tensor:
         """fp32 logits of the kept images, un-augmented and without autocast: the student's KD targets."""
@@ -121,6 +128,11 @@ class Synthesizer(ABC):
             raise ValueError(f"targets must lie in [0, {self.num_classes - 1}]")
         return targets
 
+    def check_student(self, student: nn.Module | None) -> None:
+        """Refuse a student when this method has no student-aware term."""
+        if student is not None and not self.takes_student:
+            raise ValueError(f"{self.name} cannot take a student: use a method with an adversarial term (fast)")
+
     def check_method(self, state: SynthesizerState) -> None:
         """Refuse a state saved by another method."""
         method = state.get("scalars", {}).get("method")
@@ -133,12 +145,15 @@ class Synthesizer(ABC):
         return 0, "nothing"
 
     @abstractmethod
-    def synthesize(self, targets: Tensor, progress: Progress | None = None) -> SynthesisBatch:
+    def synthesize(
+        self, targets: Tensor, progress: Progress | None = None, student: nn.Module | None = None
+    ) -> SynthesisBatch:
         """Synthesise one image per entry of `targets`.
 
         `progress(step, loss)` is called every `config.log_every` steps with the number of steps done
         and the batch loss as a device tensor; converting it to a number (a device sync) is the
-        caller's choice.
+        caller's choice. `student`, for a method whose `takes_student` is true, adds the adversarial
+        term (`adversarial_term`) against the current student; a method that cannot take one refuses it.
         """
 
     @abstractmethod
@@ -148,6 +163,34 @@ class Synthesizer(ABC):
     @abstractmethod
     def load_state_dict(self, state: SynthesizerState) -> None:
         """Restore what `state_dict()` returned."""
+
+
+def adversarial_term(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Per image, −KL(p_teacher ‖ p_student) where both pick the same class, else 0: (N,).
+
+    The adversarial term of CMI and Fast-DFKD. Minimised by the synthesizer, it seeks images on which
+    the student still agrees with the teacher's decision but not yet with its distribution: the
+    student's blind spots, which the next distillation steps then close. Where the two already
+    disagree the image teaches the student anyway, so the term leaves it alone.
+    """
+    teacher, student = teacher_logits.float(), student_logits.float()
+    divergence = (teacher.softmax(1) * (teacher.log_softmax(1) - student.log_softmax(1))).sum(1)
+    agree = (teacher.argmax(1) == student.argmax(1)).to(divergence.dtype)
+    return -divergence * agree
+
+
+@contextmanager
+def frozen_student(student: nn.Module) -> Iterator[nn.Module]:
+    """The student in eval mode with no parameter gradients while images are synthesised against it;
+    its mode and `requires_grad` flags are restored afterwards, so distillation goes on as before."""
+    training, flags = student.training, [p.requires_grad for p in student.parameters()]
+    student.eval().requires_grad_(False)
+    try:
+        yield student
+    finally:
+        student.train(training)
+        for parameter, flag in zip(student.parameters(), flags):
+            parameter.requires_grad_(flag)
 
 
 def keep_lowest(best: Tensor, candidate: Tensor, improved: Tensor) -> Tensor:

@@ -45,33 +45,8 @@ from synthesizers.base import (
 )
 from synthesizers.bn_stats import batchnorm_layers
 from synthesizers.configs import CMIConfig
+from synthesizers.generator import Generator
 from synthesizers.registry import register
-
-
-class Generator(nn.Module):
-    """z -> linear -> 2·ngf × s/4 × s/4 -> BN -> (up ×2, conv, BN, LeakyReLU) ×2 -> conv -> sigmoid: (3, s, s)."""
-
-    def __init__(self, nz: int, ngf: int, image_size: int) -> None:
-        super().__init__()
-        self.init_size = image_size // 4
-        self.project = nn.Linear(nz, 2 * ngf * self.init_size**2)
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(2 * ngf),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * ngf),
-            nn.LeakyReLU(0.2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * ngf, ngf, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(ngf, 3, 3, padding=1),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, z: Tensor) -> Tensor:
-        out = self.project(z).view(z.shape[0], -1, self.init_size, self.init_size)
-        return self.body(out)
 
 
 def info_nce(view1: Tensor, view2: Tensor, negatives: Tensor, temperature: float) -> Tensor:
@@ -152,7 +127,10 @@ class CMI(Synthesizer):
         picks = torch.randperm(self.bank_count, device=self.device)[:k]
         return self.bank[picks]
 
-    def synthesize(self, targets: Tensor, progress: Progress | None = None) -> SynthesisBatch:
+    def synthesize(
+        self, targets: Tensor, progress: Progress | None = None, student: nn.Module | None = None
+    ) -> SynthesisBatch:
+        self.check_student(student)
         cfg = self.config
         targets = self.check_targets(targets)
         n = targets.numel()

@@ -126,3 +126,40 @@ class DeepInversionConfig:
         )
         if not 0.0 <= self.jitter < 0.5:
             raise ValueError(f"jitter must lie in [0, 0.5) (a fraction of the image size), got {self.jitter}")
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """Fast-DFKD's hyper-parameters; the defaults are the published CIFAR-10 "Fast-10" ones.
+
+    `iterations` is the paper's g_steps (2, 5 or 10; published lr / lr_z 5e-3 / 0.015, 3e-3 / 0.01,
+    2e-3 / 0.01). The meta (Reptile) step on the shared generator uses Adam at lr × iterations, as
+    published. `adv_weight` applies only when a student is given, after `warmup_batches` batches.
+    """
+
+    iterations: int = 10
+    lr: float = 2e-3
+    lr_z: float = 0.01
+    beta1: float = 0.5
+    beta2: float = 0.999
+    nz: int = 256
+    ngf: int = 64
+    bn_weight: float = 10.0
+    bn_momentum: float = 0.9
+    ce_weight: float = 0.4
+    adv_weight: float = 1.1
+    warmup_batches: int = 20
+    amp: bool = True
+    compile: bool = False
+    log_every: int = 5
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            at_least_one=("iterations", "nz", "ngf", "log_every"),
+            positive=("lr", "lr_z"),
+            non_negative=("bn_weight", "ce_weight", "adv_weight"),
+            unit_interval=("beta1", "beta2", "bn_momentum"),
+        )
+        if self.warmup_batches < 0:
+            raise ValueError(f"warmup_batches must be >= 0, got {self.warmup_batches}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from synthesizers.base import (
@@ -58,7 +58,10 @@ class DeepInversion(Synthesizer):
     config_class: ClassVar[type] = DeepInversionConfig
     config: DeepInversionConfig
 
-    def synthesize(self, targets: Tensor, progress: Progress | None = None) -> SynthesisBatch:
+    def synthesize(
+        self, targets: Tensor, progress: Progress | None = None, student: nn.Module | None = None
+    ) -> SynthesisBatch:
+        self.check_student(student)
         cfg = self.config
         targets = self.check_targets(targets)
         n, size = targets.numel(), self.image_size

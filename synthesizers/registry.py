@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from synthesizers.configs import CMIConfig, DeepInversionConfig
+from synthesizers.configs import CMIConfig, DeepInversionConfig, FastConfig
 
 if TYPE_CHECKING:
     from synthesizers.base import Synthesizer
@@ -27,6 +27,9 @@ METHODS: dict[str, MethodEntry] = {
     "cmi": MethodEntry(CMIConfig, "synthesizers.cmi", "Contrastive Model Inversion (Fang et al., IJCAI 2021)"),
     "deepinversion": MethodEntry(
         DeepInversionConfig, "synthesizers.deepinversion", "DeepInversion (Yin et al., CVPR 2020)"
+    ),
+    "fast": MethodEntry(
+        FastConfig, "synthesizers.fast", "Fast-DFKD: a meta-learned shared generator (Fang et al., AAAI 2022)"
     ),
 }
 _IMPLEMENTATIONS: dict[str, type[Synthesizer]] = {}

@@ -14,7 +14,7 @@ from torch import nn
 
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
 from dfkd.models import create_model
-from synthesizers import CMIConfig, DeepInversionConfig, get_synthesizer, list_synthesizers
+from synthesizers import CMIConfig, DeepInversionConfig, FastConfig, get_synthesizer, list_synthesizers
 from synthesizers.base import SynthesisBatch, Synthesizer
 from synthesizers.bn_stats import BatchNormStatistics
 from synthesizers.cmi import CMI
@@ -23,11 +23,12 @@ from synthesizers.deepinversion import DeepInversion
 CPU = torch.device("cpu")
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.20, 0.20, 0.20)
-METHODS = ["cmi", "deepinversion"]
+METHODS = ["cmi", "deepinversion", "fast"]
 # Small enough for a few tiny-model steps in well under a second.
 FAST = {
     "deepinversion": dict(iterations=4, log_every=2),
     "cmi": dict(iterations=4, log_every=2, nz=16, ngf=8, head_dim=16, bank_size=32, num_negatives=8),
+    "fast": dict(iterations=4, log_every=2, nz=16, ngf=8),
 }
 
 
@@ -71,7 +72,7 @@ def bn_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 # --- registry and configs -------------------------------------------------------------------------
 
 
-def test_registry_holds_both_methods() -> None:
+def test_registry_holds_every_method() -> None:
     assert list_synthesizers() == METHODS
     assert get_synthesizer("deepinversion") is DeepInversion
     assert get_synthesizer("cmi") is CMI
@@ -117,6 +118,23 @@ def test_defaults_are_the_published_settings() -> None:
         compile=False,
         log_every=50,
     )
+    assert dataclasses.asdict(FastConfig()) == dict(
+        iterations=10,
+        lr=2e-3,
+        lr_z=0.01,
+        beta1=0.5,
+        beta2=0.999,
+        nz=256,
+        ngf=64,
+        bn_weight=10.0,
+        bn_momentum=0.9,
+        ce_weight=0.4,
+        adv_weight=1.1,
+        warmup_batches=20,
+        amp=True,
+        compile=False,
+        log_every=5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -136,6 +154,11 @@ def test_defaults_are_the_published_settings() -> None:
         (CMIConfig, {"bank_size": 0}),
         (CMIConfig, {"num_negatives": 40961}),
         (CMIConfig, {"contrastive_weight": -0.8}),
+        (FastConfig, {"iterations": 0}),
+        (FastConfig, {"lr_z": 0.0}),
+        (FastConfig, {"bn_momentum": 1.0}),
+        (FastConfig, {"adv_weight": -1.0}),
+        (FastConfig, {"warmup_batches": -1}),
     ],
 )
 def test_out_of_range_config_is_a_value_error(config_class: type, bad: dict[str, object]) -> None:
@@ -346,7 +369,7 @@ def reference(reference_teacher: Path) -> tuple[nn.Module, CheckpointMeta]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["cmi", "deepinversion"])  # fast's behaviour: tests/synthesizers/test_fast.py
 def test_inversion_matches_bn_statistics_and_hits_targets(
     method: str, reference: tuple[nn.Module, CheckpointMeta]
 ) -> None:
