@@ -67,7 +67,7 @@ def bench_one(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="checkpoints/wrn40_2_cifar10.safetensors")
-    parser.add_argument("--methods", default="cmi,deepinversion")
+    parser.add_argument("--methods", default="cmi,deepinversion,fast")
     parser.add_argument("--batch-sizes", default="256")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
