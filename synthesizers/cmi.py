@@ -17,12 +17,13 @@ memory bank of past synthetic images (their raw, un-projected features, projecte
     ℓ(a, p) = −log [ exp(a·p / τ) / Σ_{k ≠ a} exp(a·k / τ) ],   L_cr,i = ½ (ℓ(v₁ᵢ, v₂ᵢ) + ℓ(v₂ᵢ, v₁ᵢ))
 
 Making instances easy to tell apart from each other and from earlier batches is what gives CMI its
-diversity. The paper's adversarial terms (the generator maximising the teacher–student disagreement,
-and the CE weight of 0.5 in that phase) are off: in a two-stage pipeline no student exists while
-images are synthesised.
+diversity. Given a student (`synthesize(..., student=)`), the paper's adversarial term is added on the
+first view: α_adv·L_adv with L_adv = −KL(p_t ‖ p_s) where teacher and student agree (`base.adversarial_term`,
+α_adv 0.5 published). The paper also lowers the CE weight to 0.5 in that phase: set `ce_weight` for
+that. In the two-stage pipeline no student exists while images are synthesised, so the term is off.
 
 Keeping: like DeepInversion here, each image keeps its lowest-loss iterate, where an image's loss is
-α_CE·CE_i + α_cr·L_cr,i + α_BN·R_BN of the batch. The returned logits and the features that enter the
+α_CE·CE_i + α_cr·L_cr,i (+ α_adv·L_adv,i) + α_BN·R_BN of the batch. The returned logits and the features that enter the
 bank come from a final no-grad fp32 forward of the kept, un-augmented images.
 """
 
@@ -41,6 +42,8 @@ from synthesizers.base import (
     SynthesisBatch,
     Synthesizer,
     SynthesizerState,
+    adversarial_term,
+    frozen_student,
     keep_lowest,
 )
 from synthesizers.bn_stats import batchnorm_layers
@@ -76,6 +79,7 @@ class CMI(Synthesizer):
     name: ClassVar[str] = "cmi"
     config_class: ClassVar[type] = CMIConfig
     instance_features: ClassVar[bool] = True
+    takes_student: ClassVar[bool] = True
     config: CMIConfig
 
     def __init__(
@@ -130,7 +134,6 @@ class CMI(Synthesizer):
     def synthesize(
         self, targets: Tensor, progress: Progress | None = None, student: nn.Module | None = None
     ) -> SynthesisBatch:
-        self.check_student(student)
         cfg = self.config
         targets = self.check_targets(targets)
         n = targets.numel()
@@ -149,6 +152,10 @@ class CMI(Synthesizer):
                 logits = self.teacher_logits(views, stat_rows=n)
             per_image = cfg.ce_weight * F.cross_entropy(logits[:n].float(), targets, reduction="none")
             per_image = per_image + cfg.bn_weight * self.statistics.loss()
+            if student is not None and cfg.adv_weight > 0:
+                with frozen_student(student), self.autocast():
+                    adversarial = adversarial_term(self.student_logits(student, views[:n]), logits[:n])
+                per_image = per_image + cfg.adv_weight * adversarial
             if cfg.contrastive_weight > 0:
                 embedded = self.embed(self.statistics.features())
                 contrastive = info_nce(embedded[:n], embedded[n:], self.embed(self.negatives()), cfg.temperature)

@@ -6,11 +6,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 class MethodConfig(Protocol):
-    """The fields every method's config has besides its own hyper-parameters (read-only: configs are frozen)."""
+    """The fields every method's config has besides its own hyper-parameters (read-only: configs are frozen).
+
+    A config may also name, in a `student_only` class attribute, the settings that act only when a
+    student is given (the adversarial term): without one they cannot change the images.
+    """
 
     @property
     def iterations(self) -> int: ...
@@ -63,7 +67,10 @@ class CMIConfig:
 
     `head_lr` is the projection head's learning rate, separate from the generator's `lr` so that
     raising the generator's for short runs leaves the persistent head's training as published.
+    `adv_weight` (published 0.5) applies only when a student is given.
     """
+
+    student_only: ClassVar[tuple[str, ...]] = ("adv_weight",)
 
     iterations: int = 200
     lr: float = 1e-3
@@ -79,6 +86,7 @@ class CMIConfig:
     bank_size: int = 40960
     num_negatives: int = 4096
     head_dim: int = 256
+    adv_weight: float = 0.5
     amp: bool = True
     compile: bool = False
     log_every: int = 50
@@ -88,7 +96,7 @@ class CMIConfig:
             self,
             at_least_one=("iterations", "nz", "ngf", "head_dim", "bank_size", "log_every"),
             positive=("lr", "head_lr", "temperature"),
-            non_negative=("bn_weight", "ce_weight", "contrastive_weight"),
+            non_negative=("bn_weight", "ce_weight", "contrastive_weight", "adv_weight"),
             unit_interval=("beta1", "beta2"),
         )
         if not 0 <= self.num_negatives <= self.bank_size:
@@ -136,6 +144,8 @@ class FastConfig:
     2e-3 / 0.01). The meta (Reptile) step on the shared generator uses Adam at lr × iterations, as
     published. `adv_weight` applies only when a student is given, after `warmup_batches` batches.
     """
+
+    student_only: ClassVar[tuple[str, ...]] = ("adv_weight", "warmup_batches")
 
     iterations: int = 10
     lr: float = 2e-3

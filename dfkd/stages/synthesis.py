@@ -55,9 +55,11 @@ class PreparedSynthesis:
     def config_hash(self) -> str:
         """What makes two runs' shards interchangeable: the method, its settings, the teacher, the seed.
 
-        `compile` and `log_every` change how fast and how often, not which images, so they may differ.
+        `compile` and `log_every` change how fast and how often, not which images, so they may differ;
+        nor do the settings of a student-aware term (`student_only`), since no student takes part here.
         """
-        settings = {k: v for k, v in config_dict(self.method_config).items() if k not in ("compile", "log_every")}
+        ignored = ("compile", "log_every", *getattr(self.method_config, "student_only", ()))
+        settings = {k: v for k, v in config_dict(self.method_config).items() if k not in ignored}
         identity = {
             "method": self.config.method,
             "method_config": settings,

@@ -11,7 +11,8 @@ from synthesizers import FastConfig
 from synthesizers.base import adversarial_term, frozen_student
 from synthesizers.bn_stats import BatchNormStatistics
 from synthesizers.cmi import CMI
-from synthesizers.configs import CMIConfig
+from synthesizers.configs import CMIConfig, DeepInversionConfig
+from synthesizers.deepinversion import DeepInversion
 from synthesizers.fast import Fast
 
 CPU = torch.device("cpu")
@@ -174,8 +175,34 @@ def test_frozen_student_restores_mode_and_flags() -> None:
 
 
 def test_a_method_without_a_student_term_refuses_one(tiny: nn.Module) -> None:
-    cmi = CMI(
-        tiny, CMIConfig(iterations=1, nz=16, ngf=8, head_dim=8, bank_size=16, num_negatives=4), CPU, MEAN, STD, 10
-    )
-    with pytest.raises(ValueError, match="cmi cannot take a student"):
-        cmi.synthesize(torch.arange(4), student=create_model("tiny", 10))
+    di = DeepInversion(tiny, DeepInversionConfig(iterations=1), CPU, MEAN, STD, 10)
+    with pytest.raises(ValueError, match="deepinversion cannot take a student"):
+        di.synthesize(torch.arange(4), student=create_model("tiny", 10))
+
+
+def test_cmi_adds_its_adversarial_term_only_with_a_student(tiny: nn.Module) -> None:
+    student = create_model("tiny", 10)
+    student.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        student.fc.weight.add_(0.3 * torch.randn_like(student.fc.weight))
+    config = CMIConfig(iterations=2, nz=16, ngf=8, head_dim=8, bank_size=16, num_negatives=4)
+    runs = []
+    for with_student in (False, True):
+        torch.manual_seed(0)
+        cmi = CMI(tiny, config, CPU, MEAN, STD, 10)
+        torch.manual_seed(1)
+        runs.append(cmi.synthesize(torch.arange(8) % 10, student=student if with_student else None))
+    assert not torch.equal(runs[0].losses, runs[1].losses)
+
+
+def test_student_only_settings_do_not_change_a_two_stage_set(tiny: nn.Module) -> None:
+    """Without a student the adversarial settings cannot change the images, so they stay out of the hash."""
+    from dfkd.config.synthesis import SynthesisConfig
+    from dfkd.stages.synthesis import PreparedSynthesis
+
+    def hash_of(method_config: object) -> str:
+        config = SynthesisConfig(method="fast", teacher="t", device="cpu")
+        return PreparedSynthesis(config, method_config, tiny, None, "sha", CPU).config_hash  # type: ignore[arg-type]
+
+    assert hash_of(FastConfig(adv_weight=3.0, warmup_batches=0)) == hash_of(FastConfig())
+    assert hash_of(FastConfig(ce_weight=1.0)) != hash_of(FastConfig())

@@ -114,6 +114,7 @@ def test_defaults_are_the_published_settings() -> None:
         bank_size=40960,
         num_negatives=4096,
         head_dim=256,
+        adv_weight=0.5,
         amp=True,
         compile=False,
         log_every=50,
