@@ -28,15 +28,61 @@ from dfkd.device import resolve_device
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_json, package_versions, utc_now
 
+PARTS = ("cpu", "gpu", "ram")
+OUTSIDE_PHASES = "outside phases"
+
 
 @dataclass
 class StageOutcome:
-    """What the stage runner reports while inside `meter`: its FLOPs, figures and amount of work."""
+    """What the stage runner reports while inside `meter`: its FLOPs, figures and amount of work, and
+    the energy of its phases when it has any (`with outcome.phase("generation"): ...`)."""
 
     flops: float | None = None
     flops_method: str = "not counted"
     result: dict[str, Any] = field(default_factory=dict)
     work: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    read_energy: Callable[[], dict[str, float | None]] | None = None
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Bill what runs inside to phase `name` (entered as often as needed; the parts add up).
+
+        The energy counters are read at both boundaries, so the phases and the time outside them sum to
+        the stage's total exactly. A boundary costs a measurement (and, on a GPU, a device sync).
+        """
+        if self.read_energy is None or name == OUTSIDE_PHASES:
+            raise ValueError(f"phase {name!r} cannot be metered here")
+        start, started = self.read_energy(), time.perf_counter()
+        try:
+            yield
+        finally:
+            end = self.read_energy()
+            entry = self.phases.setdefault(name, {"energy_kwh": dict.fromkeys(PARTS, 0.0), "duration_s": 0.0})
+            entry["duration_s"] += time.perf_counter() - started
+            for part in PARTS:
+                before, after, so_far = start[part], end[part], entry["energy_kwh"][part]
+                missing = before is None or after is None or so_far is None
+                entry["energy_kwh"][part] = None if missing else so_far + after - before
+
+
+def phase_section(phases: dict[str, dict[str, Any]], energy: dict[str, Any], duration_s: float) -> dict[str, Any]:
+    """The record's `phases`: each phase's energy (parts and total) and time, and what ran outside them,
+    so that the parts of all entries sum to the stage's own figures."""
+    section: dict[str, Any] = {}
+    for name, entry in phases.items():
+        parts = dict(entry["energy_kwh"])
+        parts["total"] = None if None in parts.values() else sum(parts.values())
+        section[name] = {"energy_kwh": parts, "duration_s": entry["duration_s"]}
+    outside: dict[str, float | None] = {}
+    for part in (*PARTS, "total"):
+        inside = [entry["energy_kwh"][part] for entry in section.values()]
+        outside[part] = None if energy[part] is None or None in inside else energy[part] - sum(inside)
+    section[OUTSIDE_PHASES] = {
+        "energy_kwh": outside,
+        "duration_s": duration_s - sum(entry["duration_s"] for entry in section.values()),
+    }
+    return section
 
 
 def pending_path(ledger_path: Path, stage: str) -> Path:
@@ -87,18 +133,25 @@ class _Recorder:
         self.started = time.perf_counter()
 
     def record(self, status: str, error: str | None, section: dict[str, Any]) -> dict[str, Any]:
+        duration = time.perf_counter() - self.started
         return {
             **self.fixed,
             "status": status,
             "error": error,
             "start_utc": self.start_utc,
             "end_utc": utc_now(),
-            "duration_s": time.perf_counter() - self.started,
+            "duration_s": duration,
             **{key: value for key, value in section.items() if key != "metering"},
             "flops": self.outcome.flops,
             "flops_method": self.outcome.flops_method,
             "result": dict(self.outcome.result),
             "work": dict(self.outcome.work),
+            # Only stages that meter phases carry them, so other records are as they always were.
+            **(
+                {"phases": phase_section(self.outcome.phases, section["energy_kwh"], duration)}
+                if self.outcome.phases
+                else {}
+            ),
             "metering": section["metering"],
             "versions": self.versions,
         }
@@ -121,7 +174,7 @@ def meter(
     reported = threading.Event()
     meters = EnergyMeters(carbon, resolve_device(device), reported)
     meters.start()
-    outcome = StageOutcome()
+    outcome = StageOutcome(read_energy=meters.reading)
     recorder = _Recorder(stage, info, outcome)
 
     def write_snapshot() -> None:

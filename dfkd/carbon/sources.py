@@ -51,15 +51,19 @@ class _NvmlCounter:
         self._pynvml.nvmlShutdown()
 
 
-def _live_totals_output(sink: Callable[[Any], None]) -> Any:
-    """A codecarbon output handler that passes each periodic measurement's running totals to `sink`."""
+def _totals_output(live: Callable[[Any], None], flushed: Callable[[Any], None]) -> Any:
+    """A codecarbon output handler: each periodic measurement's running totals go to `live`, the totals
+    of a flush (a measurement asked for now) to `flushed`."""
     from codecarbon.output_methods.base_output import BaseOutput
 
-    class LiveTotals(BaseOutput):
+    class Totals(BaseOutput):
         def live_out(self, total: Any, delta: Any) -> None:
-            sink(total)
+            live(total)
 
-    return LiveTotals()
+        def out(self, total: Any, delta: Any) -> None:
+            flushed(total)
+
+    return Totals()
 
 
 def _cpu_source(tracker: Any, scope: str) -> str:
@@ -98,6 +102,7 @@ class EnergyMeters:
         self.failures: list[str] = []
         self._reported = reported
         self._latest: Any = None
+        self._flushed: Any = None
         self._nvml: _NvmlCounter | None = None
         self._nvml_start_mj = 0
         self._tracker: Any = None
@@ -109,6 +114,23 @@ class EnergyMeters:
         # Runs on codecarbon's scheduler thread after each measurement.
         self._latest = totals
         self._reported.set()
+
+    def _receive_flush(self, totals: Any) -> None:
+        self._flushed = totals
+
+    def reading(self) -> dict[str, float | None]:
+        """CPU, GPU and RAM energy in kWh since the stage started, measured now (a phase boundary).
+
+        codecarbon measures on the spot (a flush) and the GPU counter is read after the queued work
+        is done, so work before the boundary is billed to the phase before it. None where unmeasured.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._flushed = None
+        self._tracker.flush()
+        nvml_kwh, _ = self._nvml_kwh()
+        energy = self._section(self._flushed, nvml_kwh, [])["energy_kwh"]
+        return {part: energy[part] for part in ("cpu", "gpu", "ram")}
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -128,7 +150,7 @@ class EnergyMeters:
         self._tracker = OfflineEmissionsTracker(
             country_iso_code=self.carbon.country.upper(),
             output_methods=[],
-            output_handlers=[_live_totals_output(self._receive)],
+            output_handlers=[_totals_output(self._receive, self._receive_flush)],
             api_call_interval=1,
             allow_multiple_runs=True,
             measure_power_secs=self.carbon.flush_seconds,

@@ -132,7 +132,8 @@ def _record_problems(records: list[tuple[int, dict[str, Any]]]) -> list[str]:
             intensity = record["carbon_intensity_g_per_kwh"]
             co2 = None if with_pue["total"] is None else with_pue["total"] * intensity
             checks.append(("co2eq_g", record["co2eq_g"], co2, "energy with PUE x carbon intensity"))
-        except (KeyError, TypeError):
+            checks += _phase_checks(record)
+        except (KeyError, TypeError, AttributeError):
             problems.append(f"carbon.jsonl line {line}: lacks the energy fields of a ledger record")
             continue
         problems += [
@@ -142,6 +143,22 @@ def _record_problems(records: list[tuple[int, dict[str, Any]]]) -> list[str]:
             if not _same(stated, expected)
         ]
     return problems
+
+
+def _phase_checks(record: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
+    """A record metered in phases: its phases (and the time outside them) sum to its own figures."""
+    phases = record.get("phases")
+    if phases is None:
+        return []
+    entries = list(phases.values())
+    checks: list[tuple[str, Any, Any, str]] = []
+    for part in ENERGY_PARTS:
+        inside = [entry["energy_kwh"][part] for entry in entries]
+        summed = None if None in inside else math.fsum(inside)
+        checks.append((f"energy_kwh.{part}", record["energy_kwh"][part], summed, f"the sum of its phases' {part}"))
+    durations = math.fsum(entry["duration_s"] for entry in entries)
+    checks.append(("duration_s", record["duration_s"], durations, "the sum of its phases' durations"))
+    return checks
 
 
 def _known_sum(values: list[float | None]) -> float | None:

@@ -176,3 +176,39 @@ def test_recover_pending_skips_a_snapshot_whose_record_was_already_appended(tmp_
     pending_path(ledger, "distill").write_bytes(leftover)  # as if killed between append and delete
     assert recover_pending(ledger) == []
     assert len(read_ledger(ledger)) == 1 and not pending_path(ledger, "distill").exists()
+
+
+def test_phases_are_measured_at_their_boundaries_and_sum_to_the_record(tmp_path: Path) -> None:
+    from dfkd.carbon.meter import OUTSIDE_PHASES
+    from dfkd.report.audit import _record_problems
+
+    ledger = tmp_path / "carbon.jsonl"
+    with meter("interleaved", ledger, FAST, "cpu") as outcome:
+        for _ in range(2):  # rounds: each enters both phases again
+            with outcome.phase("generation"):
+                busy(0.3)
+            with outcome.phase("compression"):
+                busy(0.6)
+        busy(0.2)
+    (record,) = read_ledger(ledger)
+    phases = record["phases"]
+    assert list(phases) == ["generation", "compression", OUTSIDE_PHASES]
+    assert phases["compression"]["duration_s"] > phases["generation"]["duration_s"] > 0.5
+    for part in ("cpu", "gpu", "ram", "total"):
+        assert sum(p["energy_kwh"][part] for p in phases.values()) == pytest.approx(record["energy_kwh"][part])
+    assert phases["compression"]["energy_kwh"]["cpu"] > phases["generation"]["energy_kwh"]["cpu"] > 0
+    assert _record_problems([(1, record)]) == []
+    edited = json.loads(json.dumps(record))
+    edited["phases"]["generation"]["energy_kwh"]["cpu"] *= 2
+    assert any("the sum of its phases' cpu" in p for p in _record_problems([(1, edited)]))
+
+
+def test_a_stage_without_phases_records_none(tmp_path: Path) -> None:
+    from dfkd.carbon.meter import StageOutcome
+
+    with meter("synthesis", tmp_path / "carbon.jsonl", FAST, "cpu"):
+        pass
+    assert "phases" not in read_ledger(tmp_path / "carbon.jsonl")[0], "a two-stage record is as it always was"
+    with pytest.raises(ValueError, match="cannot be metered here"):
+        with StageOutcome().phase("generation"):
+            pass
