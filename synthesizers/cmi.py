@@ -48,7 +48,7 @@ from synthesizers.base import (
 )
 from synthesizers.bn_stats import batchnorm_layers
 from synthesizers.configs import CMIConfig
-from synthesizers.generator import Generator
+from synthesizers.generator import Generator, check_image_size
 from synthesizers.registry import register
 
 
@@ -93,8 +93,7 @@ class CMI(Synthesizer):
         image_size: int = 32,
     ) -> None:
         super().__init__(teacher, config, device, mean, std, num_classes, image_size)
-        if image_size % 4:
-            raise ValueError(f"CMI's generator upsamples 4×: image_size must be a multiple of 4, got {image_size}")
+        check_image_size(image_size)
         dim = self.statistics.feature_dim
         self.head = nn.Sequential(
             nn.Linear(dim, config.head_dim), nn.ReLU(), nn.Linear(config.head_dim, config.head_dim)

@@ -41,7 +41,7 @@ from synthesizers.base import (
     keep_lowest,
 )
 from synthesizers.configs import FastConfig
-from synthesizers.generator import Generator
+from synthesizers.generator import Generator, check_image_size
 from synthesizers.registry import register
 
 
@@ -65,8 +65,7 @@ class Fast(Synthesizer):
         image_size: int = 32,
     ) -> None:
         super().__init__(teacher, config, device, mean, std, num_classes, image_size)
-        if image_size % 4:
-            raise ValueError(f"the generator upsamples 4×: image_size must be a multiple of 4, got {image_size}")
+        check_image_size(image_size)
         self.generator = Generator(config.nz, config.ngf, image_size).to(self.device)
         self.generator = self.generator.to(memory_format=self.memory_format)
         self.meta_optimizer = torch.optim.Adam(

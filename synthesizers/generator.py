@@ -5,6 +5,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
+def check_image_size(image_size: int) -> None:
+    """The generator upsamples 4×: a size it cannot make is a ValueError, raised before any batch."""
+    if image_size % 4:
+        raise ValueError(f"the generator upsamples 4×: image_size must be a multiple of 4, got {image_size}")
+
+
 class Generator(nn.Module):
     """z -> linear -> 2·ngf × s/4 × s/4 -> BN -> (up ×2, conv, BN, LeakyReLU) ×2 -> conv -> sigmoid: (3, s, s)."""
 

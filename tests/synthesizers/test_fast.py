@@ -206,3 +206,12 @@ def test_student_only_settings_do_not_change_a_two_stage_set(tiny: nn.Module) ->
 
     assert hash_of(FastConfig(adv_weight=3.0, warmup_batches=0)) == hash_of(FastConfig())
     assert hash_of(FastConfig(ce_weight=1.0)) != hash_of(FastConfig())
+
+
+def test_a_size_the_generator_cannot_make_is_refused_when_built(tiny: nn.Module) -> None:
+    for build in (
+        lambda: Fast(tiny, SMALL, CPU, MEAN, STD, 10, image_size=30),
+        lambda: CMI(tiny, CMIConfig(nz=16, ngf=8, head_dim=8, bank_size=16, num_negatives=4), CPU, MEAN, STD, 10, 30),
+    ):
+        with pytest.raises(ValueError, match="image_size must be a multiple of 4, got 30"):
+            build()
