@@ -218,7 +218,7 @@ def _resume_state(run: RunDir, folder: Path) -> Path | None:
     if not run.artifact_intact(path):
         raise DfkdError(
             f"{run.relative(path)} is missing or does not match its manifest hash (damaged since it was saved): "
-            f"pass --overwrite to distil again from the start, or restore the file"
+            f"restore the file, or distil again from the start with `dfkd distill --run {run.root} --overwrite`"
         )
     return path
 
@@ -554,12 +554,15 @@ def run_distillation(
         return finished
     results: dict[str, dict[str, Any]] = {}
     grid = config.tau_spec.mode == "grid"
+    done = {trial: trial_done(prepared, run, trial) for trial in prepared.trials}
     for trial in prepared.trials:
-        done = trial_done(prepared, run, trial)
-        if done is not None:
-            results[trial] = done
+        if done[trial] is None:  # every damaged state is refused before the first trial's meter starts
+            _resume_state(run, trial_dir(run, trial))
+    for trial in prepared.trials:
+        finished_trial = done[trial]
+        if finished_trial is not None:
+            results[trial] = finished_trial
             continue
-        _resume_state(run, trial_dir(run, trial))  # a damaged state is refused before the trial's meter starts
         stage = f"distillation[{trial}]" if grid else "distillation"
         info = {
             "student": config.student,
