@@ -113,12 +113,14 @@ class RunDir:
         save_manifest(self.manifest_path, manifest)
 
     def update_manifest(self, forget: tuple[Path, ...] = (), **sections: Any) -> Manifest:
-        """Read-modify-write: merge `stages`/`artifacts`/top-level keys into the manifest and drop the
-        artifact entries of `forget`, in one atomic write."""
-        manifest = self.read_manifest()
+        """Read-modify-write, one atomic write: drop the artifact entries of `forget` (files, and folders
+        with everything in them), then merge `stages`/`artifacts`/top-level keys into the manifest.
+
+        Callers forget entries before they delete the files: a kill in between leaves files without
+        entries, which are never counted.
+        """
+        manifest = self._forgetting(forget)
         raw: dict[str, Any] = manifest  # type: ignore[assignment]  # keys are checked by the callers' sections
-        for path in forget:
-            raw["artifacts"].pop(self.relative(path), None)
         for key, value in sections.items():
             if key == "stages":
                 for stage, content in value.items():
@@ -130,15 +132,25 @@ class RunDir:
         self.write_manifest(manifest)
         return manifest
 
+    def _forgetting(self, paths: tuple[Path, ...]) -> Manifest:
+        """The manifest without the artifact entries of `paths` (files, and folders with all they hold)."""
+        manifest = self.read_manifest()
+        prefixes = [self.relative(path) for path in paths]
+        manifest["artifacts"] = {
+            key: entry
+            for key, entry in manifest["artifacts"].items()
+            if not any(key == prefix or key.startswith(f"{prefix}/") for prefix in prefixes)
+        }
+        return manifest
+
     def discard(self, *stages: str) -> None:
         """--overwrite: forget and remove the outputs and manifest sections of `stages`.
 
         The caller names every stage built on the one it replaces (a new synthetic set invalidates
-        the students distilled from it). Entries go first, so a kill leaves files that are never counted.
+        the students distilled from it). Entries and sections go in one write, before the files.
         """
         folders = [self.root / STAGE_DIRS[stage] for stage in stages]
-        self.forget_artifacts(*folders)
-        manifest = self.read_manifest()
+        manifest = self._forgetting(tuple(folders))
         sections: dict[str, Any] = manifest["stages"]  # type: ignore[assignment]
         for stage in stages:
             sections.pop(stage, None)
@@ -169,18 +181,3 @@ class RunDir:
         entry = self.artifact_entry(path, stage, role, sha256)
         self.update_manifest(artifacts=entry)
         return next(iter(entry.values()))["sha256"]
-
-    def forget_artifacts(self, *paths: Path) -> None:
-        """Drop the manifest entries of `paths` (files and whole folders) in one write.
-
-        Entries go before the files do: a kill in between leaves files without entries, which are
-        never counted.
-        """
-        prefixes = [self.relative(path) for path in paths]
-        manifest = self.read_manifest()
-        manifest["artifacts"] = {
-            key: entry
-            for key, entry in manifest["artifacts"].items()
-            if not any(key == prefix or key.startswith(f"{prefix}/") for prefix in prefixes)
-        }
-        self.write_manifest(manifest)

@@ -133,6 +133,6 @@ class SyntheticSet:
         stale += [path for path in self.folder.glob("state-*.safetensors") if path != self.state_path(keep - 1)]
         stale += list(self.folder.glob(".*.tmp"))
         if stale:
-            self.run.forget_artifacts(*stale)
+            self.run.update_manifest(forget=tuple(stale))
         for path in stale:
             path.unlink()
