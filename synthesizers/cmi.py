@@ -48,7 +48,7 @@ from synthesizers.base import (
 )
 from synthesizers.bn_stats import batchnorm_layers
 from synthesizers.configs import CMIConfig
-from synthesizers.generator import Generator, check_image_size
+from synthesizers.generator import Generator, check_image_size, crop_flip_view
 from synthesizers.registry import register
 
 
@@ -104,12 +104,8 @@ class CMI(Synthesizer):
         self.bank = torch.zeros(config.bank_size, dim, device=self.device)
         self.bank_pointer = 0
         self.bank_count = 0
-        # "resample" crops the whole batch with one warp; kornia's default "slice" loops over images
-        # in Python, which made a 256-image CMI batch twice as slow on an H100.
-        size = (image_size, image_size)
-        self.local_view = nn.Sequential(
-            K.RandomCrop(size, padding=image_size // 8, cropping_mode="resample"), K.RandomHorizontalFlip()
-        )
+        self.local_view = crop_flip_view(image_size)
+        size = (image_size, image_size)  # resampled in one warp, as crop_flip_view explains
         self.global_view = nn.Sequential(
             K.RandomResizedCrop(size, scale=(0.25, 1.0), cropping_mode="resample"), K.RandomHorizontalFlip()
         )

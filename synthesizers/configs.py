@@ -3,10 +3,10 @@ so a recipe's method settings are validated without loading the methods."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
+
+from dfkd.config.overrides import check_finite
 
 
 class MethodConfig(Protocol):
@@ -41,10 +41,7 @@ def check_ranges(
     Both methods weigh a BN-statistics and a cross-entropy term: with both at 0 nothing ties the
     images to the teacher, so that is refused here too.
     """
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{field.name} must be a finite number, got {value}")
+    check_finite(config)
     for name in at_least_one:
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
-import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -41,7 +40,7 @@ from synthesizers.base import (
     keep_lowest,
 )
 from synthesizers.configs import FastConfig
-from synthesizers.generator import Generator, check_image_size
+from synthesizers.generator import Generator, check_image_size, crop_flip_view
 from synthesizers.registry import register
 
 
@@ -72,10 +71,7 @@ class Fast(Synthesizer):
             self.generator.parameters(), lr=config.lr * config.iterations, betas=(config.beta1, config.beta2)
         )
         self.batches = 0
-        size = (image_size, image_size)
-        self.view = nn.Sequential(
-            K.RandomCrop(size, padding=image_size // 8, cropping_mode="resample"), K.RandomHorizontalFlip()
-        )
+        self.view = crop_flip_view(image_size)
 
     def synthesize(
         self, targets: Tensor, progress: Progress | None = None, student: nn.Module | None = None

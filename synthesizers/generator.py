@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import kornia.augmentation as K
 from torch import Tensor, nn
+
+
+def crop_flip_view(image_size: int) -> nn.Module:
+    """The generator methods' on-device view: a random crop of the image padded by size/8, and a flip.
+
+    "resample" crops the whole batch with one warp; kornia's default "slice" loops over images in
+    Python, which made a 256-image CMI batch twice as slow on an H100.
+    """
+    size = (image_size, image_size)
+    return nn.Sequential(
+        K.RandomCrop(size, padding=image_size // 8, cropping_mode="resample"), K.RandomHorizontalFlip()
+    )
 
 
 def check_image_size(image_size: int) -> None:
