@@ -56,6 +56,7 @@ class SynthesisSection(TypedDict, total=False):
     shards: int
     images: int
     shared_from: str  # a `dfkd study` sibling that copied this run's set
+    mode: str  # "interleaved" when made in rounds against a student; absent for a two-stage set
 
 
 class DistillationSection(TypedDict, total=False):
@@ -73,6 +74,7 @@ class DistillationSection(TypedDict, total=False):
     trials: dict[str, dict[str, Any]]
     result: dict[str, Any]
     finished_utc: str
+    interleave: dict[str, Any]  # the interleaved mode's settings, when the student was trained in rounds
 
 
 class TeacherTrainingSection(TypedDict, total=False):

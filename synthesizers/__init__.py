@@ -5,7 +5,14 @@ Importing the package loads no torch: the registry and the settings classes are 
 """
 
 from synthesizers.configs import CMIConfig, DeepInversionConfig, FastConfig, MethodConfig
-from synthesizers.registry import METHODS, get_synthesizer, list_synthesizers, method_config_class, register
+from synthesizers.registry import (
+    METHODS,
+    get_synthesizer,
+    list_synthesizers,
+    method_config_class,
+    register,
+    student_term,
+)
 
 __all__ = [
     "METHODS",
@@ -17,4 +24,5 @@ __all__ = [
     "list_synthesizers",
     "method_config_class",
     "register",
+    "student_term",
 ]

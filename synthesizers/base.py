@@ -59,7 +59,6 @@ class Synthesizer(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
     instance_features: ClassVar[bool] = False
-    takes_student: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -128,11 +127,6 @@ class Synthesizer(ABC):
             raise ValueError(f"targets must lie in [0, {self.num_classes - 1}]")
         return targets
 
-    def check_student(self, student: nn.Module | None) -> None:
-        """Refuse a student when this method has no student-aware term."""
-        if student is not None and not self.takes_student:
-            raise ValueError(f"{self.name} cannot take a student: use a method with an adversarial term (fast)")
-
     def check_method(self, state: SynthesizerState) -> None:
         """Refuse a state saved by another method."""
         method = state.get("scalars", {}).get("method")
@@ -152,8 +146,8 @@ class Synthesizer(ABC):
 
         `progress(step, loss)` is called every `config.log_every` steps with the number of steps done
         and the batch loss as a device tensor; converting it to a number (a device sync) is the
-        caller's choice. `student`, for a method whose `takes_student` is true, adds the adversarial
-        term (`adversarial_term`) against the current student; a method that cannot take one refuses it.
+        caller's choice. `student` (the interleaved mode) adds the method's student-aware term against the
+        current student: the adversarial term (`adversarial_term`) or the competition (`competition_term`).
         """
 
     @abstractmethod
@@ -177,6 +171,20 @@ def adversarial_term(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     divergence = (teacher.softmax(1) * (teacher.log_softmax(1) - student.log_softmax(1))).sum(1)
     agree = (teacher.argmax(1) == student.argmax(1)).to(divergence.dtype)
     return -divergence * agree
+
+
+def competition_term(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per image, 1 − JS(p_teacher ‖ p_student) of the distributions softened by `temperature`: (N,).
+
+    Adaptive DeepInversion's competition term (Yin et al. 2020, eq. 8). JS (natural log) lies in
+    [0, ln 2]; minimised by the synthesizer, the term seeks images the two classify differently.
+    """
+    teacher = (teacher_logits.float() / temperature).softmax(1)
+    student = (student_logits.float() / temperature).softmax(1)
+    middle = ((teacher + student) / 2).clamp_min(1e-12)
+    divergence = (teacher * (teacher.clamp_min(1e-12) / middle).log()).sum(1)
+    divergence = divergence + (student * (student.clamp_min(1e-12) / middle).log()).sum(1)
+    return 1.0 - (divergence / 2).clamp(0.0, 1.0)
 
 
 @contextmanager

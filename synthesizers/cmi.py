@@ -79,7 +79,6 @@ class CMI(Synthesizer):
     name: ClassVar[str] = "cmi"
     config_class: ClassVar[type] = CMIConfig
     instance_features: ClassVar[bool] = True
-    takes_student: ClassVar[bool] = True
     config: CMIConfig
 
     def __init__(

@@ -104,8 +104,12 @@ class CMIConfig:
 class DeepInversionConfig:
     """DeepInversion's hyper-parameters; the defaults are the published CIFAR-10 ones (2,000 steps).
 
-    `lr` acts on normalised pixels, as published.
+    `lr` acts on normalised pixels, as published. `competition_weight` and `competition_temperature`
+    (Adaptive DeepInversion's competition term; 0.01 at softening temperature 3 in the public code) apply only
+    when a student is given.
     """
+
+    student_only: ClassVar[tuple[str, ...]] = ("competition_weight", "competition_temperature")
 
     iterations: int = 2000
     lr: float = 0.1
@@ -117,6 +121,8 @@ class DeepInversionConfig:
     l2_weight: float = 0.0
     jitter: float = 0.125
     flip: bool = True
+    competition_weight: float = 0.01
+    competition_temperature: float = 3.0
     amp: bool = True
     compile: bool = False
     log_every: int = 50
@@ -125,8 +131,8 @@ class DeepInversionConfig:
         check_ranges(
             self,
             at_least_one=("iterations", "log_every"),
-            positive=("lr",),
-            non_negative=("bn_weight", "ce_weight", "tv_weight", "l2_weight"),
+            positive=("lr", "competition_temperature"),
+            non_negative=("bn_weight", "ce_weight", "tv_weight", "l2_weight", "competition_weight"),
             unit_interval=("beta1", "beta2"),
         )
         if not 0.0 <= self.jitter < 0.5:

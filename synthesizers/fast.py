@@ -50,7 +50,6 @@ class Fast(Synthesizer):
 
     name: ClassVar[str] = "fast"
     config_class: ClassVar[type] = FastConfig
-    takes_student: ClassVar[bool] = True
     config: FastConfig
 
     def __init__(

@@ -18,18 +18,33 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MethodEntry:
+    """A method: its settings class, the module that implements it, what it is, and its student-aware
+    term (what it adds given the current student in the interleaved mode; empty: it cannot take one)."""
+
     config_class: type
     module: str
     description: str
+    student_term: str = ""
 
 
 METHODS: dict[str, MethodEntry] = {
-    "cmi": MethodEntry(CMIConfig, "synthesizers.cmi", "Contrastive Model Inversion (Fang et al., IJCAI 2021)"),
+    "cmi": MethodEntry(
+        CMIConfig,
+        "synthesizers.cmi",
+        "Contrastive Model Inversion (Fang et al., IJCAI 2021)",
+        "adversarial: -KL(teacher || student) where they agree (adv_weight)",
+    ),
     "deepinversion": MethodEntry(
-        DeepInversionConfig, "synthesizers.deepinversion", "DeepInversion (Yin et al., CVPR 2020)"
+        DeepInversionConfig,
+        "synthesizers.deepinversion",
+        "DeepInversion (Yin et al., CVPR 2020)",
+        "competition: 1 - JS(teacher || student) (competition_weight)",
     ),
     "fast": MethodEntry(
-        FastConfig, "synthesizers.fast", "Fast-DFKD: a meta-learned shared generator (Fang et al., AAAI 2022)"
+        FastConfig,
+        "synthesizers.fast",
+        "Fast-DFKD: a meta-learned shared generator (Fang et al., AAAI 2022)",
+        "adversarial: -KL(teacher || student) where they agree (adv_weight, after warmup_batches)",
     ),
 }
 _IMPLEMENTATIONS: dict[str, type[Synthesizer]] = {}
@@ -50,6 +65,11 @@ def _entry(name: str) -> MethodEntry:
 def method_config_class(name: str) -> type:
     """The settings class of method `name`; an unknown name is a ValueError listing the valid ones."""
     return _entry(name).config_class
+
+
+def student_term(name: str) -> str:
+    """What method `name` adds against the current student in the interleaved mode ("" if nothing)."""
+    return _entry(name).student_term
 
 
 def register(cls: type[Synthesizer]) -> type[Synthesizer]:

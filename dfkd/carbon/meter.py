@@ -66,21 +66,25 @@ class StageOutcome:
                 entry["energy_kwh"][part] = None if missing else so_far + after - before
 
 
-def phase_section(phases: dict[str, dict[str, Any]], energy: dict[str, Any], duration_s: float) -> dict[str, Any]:
-    """The record's `phases`: each phase's energy (parts and total) and time, and what ran outside them,
-    so that the parts of all entries sum to the stage's own figures."""
+def phase_section(
+    phases: dict[str, dict[str, Any]], energy: dict[str, Any], duration_s: float, flops: float | None
+) -> dict[str, Any]:
+    """The record's `phases`: each phase's energy (parts and total), time and FLOPs, and what ran
+    outside them, so that the figures of all entries sum to the stage's own."""
     section: dict[str, Any] = {}
     for name, entry in phases.items():
         parts = dict(entry["energy_kwh"])
         parts["total"] = None if None in parts.values() else sum(parts.values())
-        section[name] = {"energy_kwh": parts, "duration_s": entry["duration_s"]}
+        section[name] = {"energy_kwh": parts, "duration_s": entry["duration_s"], "flops": entry.get("flops")}
     outside: dict[str, float | None] = {}
     for part in (*PARTS, "total"):
         inside = [entry["energy_kwh"][part] for entry in section.values()]
         outside[part] = None if energy[part] is None or None in inside else energy[part] - sum(inside)
+    inside_flops = [entry["flops"] for entry in section.values()]
     section[OUTSIDE_PHASES] = {
         "energy_kwh": outside,
         "duration_s": duration_s - sum(entry["duration_s"] for entry in section.values()),
+        "flops": None if flops is None or None in inside_flops else flops - sum(inside_flops),
     }
     return section
 
@@ -148,7 +152,7 @@ class _Recorder:
             "work": dict(self.outcome.work),
             # Only stages that meter phases carry them, so other records are as they always were.
             **(
-                {"phases": phase_section(self.outcome.phases, section["energy_kwh"], duration)}
+                {"phases": phase_section(self.outcome.phases, section["energy_kwh"], duration, self.outcome.flops)}
                 if self.outcome.phases
                 else {}
             ),

@@ -45,7 +45,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         model_spec(self.student)
-        parse_tau(self.tau)
+        mode = parse_tau(self.tau).mode
+        if mode != "stochastic" and self.tau_per == "sample":
+            raise ValueError(f"--tau-per sample needs --tau stochastic: a {mode} tau is the same for every image")
         if len(self.tau_range) != 2 or not 1.0 <= self.tau_range[0] < self.tau_range[1]:
             raise ValueError(f"tau_range must be two values low,high with 1 <= low < high, got {self.tau_range}")
         if not 0.0 <= self.alpha <= 1.0:

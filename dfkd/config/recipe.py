@@ -1,6 +1,7 @@
 """Recipes: one TOML file per experiment, validated into typed configs before any work starts.
 
-A recipe has the sections [run], [teacher], [synthesize], [distill], [evaluate] and [carbon]. The
+A recipe has the sections [run], [teacher], [synthesize], [distill], [evaluate] and [carbon], and
+[interleave] when `[run] mode = "interleaved"` (see `dfkd.config.interleave`). The
 stage sections are the existing configs (`SynthesisConfig`, `DistillConfig`, `CarbonConfig`) filled
 through `apply_overrides`, so a recipe and the CLI flags are checked by the same rules; only the
 keys that belong to another section are left out (the teacher, the device, the evaluation data).
@@ -24,10 +25,11 @@ from typing import Any
 
 from dfkd.carbon.config import CarbonConfig
 from dfkd.config.distill import DistillConfig
+from dfkd.config.interleave import InterleaveConfig
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.synthesis import SynthesisConfig
 from dfkd.errors import DfkdError
-from synthesizers import list_synthesizers, method_config_class
+from synthesizers import list_synthesizers, method_config_class, student_term
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -36,12 +38,21 @@ EMBEDDED_TEACHER = "checkpoints/wrn40_2_cifar10.safetensors"
 EMBEDDED_TEACHER_PATH = REPO_ROOT / EMBEDDED_TEACHER
 
 
+MODES = ("two-stage", "interleaved")
+
+
 @dataclass(frozen=True)
 class RunSection:
-    """What the run is and where it runs."""
+    """What the run is, where it runs, and how its stages run: `two-stage` (synthesise the whole set,
+    then distil) or `interleaved` (rounds of student-aware synthesis and distillation)."""
 
     description: str = ""
     device: str = "auto"
+    mode: str = "two-stage"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,11 @@ class Recipe:
     distill: DistillConfig
     evaluate: EvaluateSection
     carbon: CarbonConfig
+    interleave: InterleaveConfig = InterleaveConfig()
+
+    @property
+    def interleaved(self) -> bool:
+        return self.run.mode == "interleaved"
 
     def resolved(self) -> dict[str, Any]:
         """The recipe as sections of plain values (what is saved in the run dir and compared on resume)."""
@@ -86,27 +102,49 @@ class Recipe:
         distill = config_dict(self.distill)
         for key in _DISTILL_ELSEWHERE:
             distill.pop(key)
+        run = config_dict(self.run)
+        # A two-stage recipe resolves as it did before modes existed, so those run dirs still resume.
+        extra: dict[str, Any] = {}
+        if self.interleaved:
+            distill.pop("epochs")  # the rounds set the length of an interleaved distillation
+            extra["interleave"] = config_dict(self.interleave)
+        else:
+            run.pop("mode")
         # Through JSON, so it compares equal to the copy read back from the run dir (tuples become lists).
         return json.loads(
             json.dumps(
                 {
                     "name": self.name,
-                    "run": config_dict(self.run),
+                    "run": run,
                     "teacher": config_dict(self.teacher),
                     "synthesize": {**synthesis, "settings": settings},
                     "distill": distill,
                     "evaluate": config_dict(self.evaluate),
                     "carbon": config_dict(self.carbon),
+                    **extra,
                 }
             )
         )
+
+    @property
+    def rounds(self) -> int:
+        """Rounds of the interleaved mode: one per synthesis batch."""
+        return -(-self.synthesis.num_images // self.synthesis.batch_size)
 
 
 # Keys of the stage configs that a recipe sets in another section.
 _SYNTHESIS_ELSEWHERE = ("teacher", "device", "method_settings")
 _DISTILL_ELSEWHERE = ("teacher", "device", "eval_data", "eval_every")
 SCALE_KEYS = (("synthesize", "num_images"), ("distill", "epochs"))
-_SECTIONS = ("run", "teacher", "synthesize", "distill", "evaluate", "carbon")
+INTERLEAVED_SCALE_KEYS = (("synthesize", "num_images"), ("interleave", "kd_steps"))
+_SECTIONS = ("run", "teacher", "synthesize", "distill", "evaluate", "carbon", "interleave")
+# Distillation settings the interleaved mode has no use for: it trains on its own rounds' images, one trial.
+_NOT_INTERLEAVED = {
+    "epochs": "the rounds set its length (synthesize.num_images / synthesize.batch_size rounds x interleave.kd_steps)",
+    "data": "it trains on the images its rounds synthesise, not on real data",
+    "val_data": "it trains one student, so there is no grid winner to select on validation data",
+    "train_subset": "it trains on every image its rounds synthesise",
+}
 
 
 def _keys(config_class: type, excluded: tuple[str, ...], extra: tuple[str, ...] = ()) -> list[str]:
@@ -225,14 +263,58 @@ def build_recipe(name: str, data: dict[str, Any], overrides: dict[str, dict[str,
     carbon = _section(
         "carbon", merged.get("carbon", {}), CarbonConfig(), _keys(CarbonConfig, ()), from_file.get("carbon", set())
     )
-    # The defaults are the paper's scale (50,000 images, 200 epochs: GPU-hours); a recipe says its own.
-    for section, key in SCALE_KEYS:
+    interleave = _section(
+        "interleave",
+        merged.get("interleave", {}),
+        InterleaveConfig(),
+        _keys(InterleaveConfig, ()),
+        from_file.get("interleave", set()),
+    )
+    recipe = Recipe(name, run, teacher, synthesis, distill, evaluate, carbon, interleave)
+    if recipe.interleaved:
+        _check_interleaved(recipe, merged)
+    else:
+        if "interleave" in merged:
+            raise DfkdError('recipe section interleave applies only with [run] mode = "interleaved": remove it')
+        # The defaults are the paper's scale (50,000 images, 200 epochs: GPU-hours); a recipe says its own.
+        for section, key in SCALE_KEYS:
+            if key not in merged.get(section, {}):
+                raise DfkdError(
+                    f"recipe sets no {section}.{key}: a recipe states its scale (synthesize.num_images and "
+                    "distill.epochs); the defaults would be the paper's 50,000 images and 200 epochs"
+                )
+    return recipe
+
+
+def _check_interleaved(recipe: Recipe, merged: dict[str, Any]) -> None:
+    """What only the interleaved mode needs: a student-aware method, its scale, one trial, rounds to distil in."""
+    method = recipe.synthesis.method
+    if not student_term(method):
+        raise DfkdError(
+            f"method {method} cannot take a student, so it cannot run interleaved: choose a student-aware method "
+            f'({", ".join(m for m in list_synthesizers() if student_term(m))}) or run.mode = "two-stage"'
+        )
+    for section, key in INTERLEAVED_SCALE_KEYS:
         if key not in merged.get(section, {}):
             raise DfkdError(
-                f"recipe sets no {section}.{key}: a recipe states its scale (synthesize.num_images and "
-                "distill.epochs); the defaults would be the paper's 50,000 images and 200 epochs"
+                f"recipe sets no {section}.{key}: an interleaved recipe states its scale (synthesize.num_images "
+                "and interleave.kd_steps); the defaults would be the paper's 50,000 images and 400 steps per round"
             )
-    return Recipe(name, run, teacher, synthesis, distill, evaluate, carbon)
+    for key, why in _NOT_INTERLEAVED.items():
+        if key in merged.get("distill", {}):
+            raise DfkdError(f"recipe key distill.{key} does not apply to the interleaved mode ({why}): remove it")
+    if recipe.distill.tau_spec.mode == "grid":
+        raise DfkdError(
+            "tau = grid does not run interleaved yet (every trial would synthesise its own student-aware set): "
+            'use tau = "stochastic" or a fixed tau, or compare them on one set with `dfkd study tau` and '
+            'run.mode = "two-stage"'
+        )
+    if recipe.rounds <= recipe.interleave.warmup_rounds:
+        raise DfkdError(
+            f"interleave.warmup_rounds = {recipe.interleave.warmup_rounds} leaves no round to distil in "
+            f"({recipe.synthesis.num_images} images in batches of {recipe.synthesis.batch_size} make "
+            f"{recipe.rounds} rounds): lower warmup_rounds or make more images"
+        )
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:

@@ -158,7 +158,36 @@ def _phase_checks(record: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
         checks.append((f"energy_kwh.{part}", record["energy_kwh"][part], summed, f"the sum of its phases' {part}"))
     durations = math.fsum(entry["duration_s"] for entry in entries)
     checks.append(("duration_s", record["duration_s"], durations, "the sum of its phases' durations"))
+    flops = [entry.get("flops") for entry in entries]
+    if record.get("flops") is not None or any(value is not None for value in flops):
+        summed_flops = None if None in flops else math.fsum(flops)
+        checks.append(("flops", record.get("flops"), summed_flops, "the sum of its phases' FLOPs"))
     return checks
+
+
+def _phase_records(records: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    """The records of `phase`, and from each record metered in phases its share of `phase` as a record of
+    its own (PUE and intensity applied as to the whole record; time outside the phases counts as other)."""
+    found = [r for r in records if phase_of(r["stage"]) == phase]
+    for record in records:
+        for name, entry in (record.get("phases") or {}).items():
+            if (name if name in ("generation", "compression") else "other") != phase:
+                continue
+            with_pue = {
+                p: None if entry["energy_kwh"][p] is None else entry["energy_kwh"][p] * record["pue"]
+                for p in ENERGY_PARTS
+            }
+            total = with_pue["total"]
+            found.append(
+                {
+                    "duration_s": entry["duration_s"],
+                    "energy_kwh": entry["energy_kwh"],
+                    "energy_kwh_with_pue": with_pue,
+                    "co2eq_g": None if total is None else total * record["carbon_intensity_g_per_kwh"],
+                    "flops": entry.get("flops"),
+                }
+            )
+    return found
 
 
 def _known_sum(values: list[float | None]) -> float | None:
@@ -241,9 +270,7 @@ def _totals_problems(run: Path, records: list[dict[str, Any]], report: dict[str,
             "interrupted", fresh["interrupted"], [r for r in records if r["status"] != "complete"]
         )
         for phase in PHASES:
-            problems += _sum_problems(
-                f"phases.{phase}", fresh["phases"][phase], [r for r in records if phase_of(r["stage"]) == phase]
-            )
+            problems += _sum_problems(f"phases.{phase}", fresh["phases"][phase], _phase_records(records, phase))
     except (KeyError, TypeError):
         problems = ["carbon.jsonl: records lack the fields a ledger record has, so the totals cannot be re-summed"]
     return problems + (_saved_report_problems(report, fresh) if report is not None else [])

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from dfkd.config.distill import DistillConfig
 from dfkd.errors import DfkdError
 from dfkd.manifest import DistillationSection, Manifest, SynthesisSection
-from dfkd.report.build import phase_of
+from dfkd.report.build import INTERLEAVED, phase_of
 
 Record = tuple[int, dict[str, Any]]
 _NAMED_OUTPUTS = ("preview", "student")
@@ -108,7 +108,7 @@ def _shard_problems(section: SynthesisSection, artifacts: dict[str, Any], run_ro
 def _synthesis_problems(section: SynthesisSection, records: list[Record], artifacts: dict[str, Any]) -> list[str]:
     if "quality" not in section:
         return []  # started, not finished: the manifest states no result yet
-    found = _last(records, lambda r: r.get("stage") == "synthesis")
+    found = _last(records, lambda r: r.get("stage") in ("synthesis", INTERLEAVED))
     if found is None:
         return ["manifest.json stages.synthesis: states results, but the ledger has no complete synthesis record"]
     line, record = found
@@ -148,8 +148,14 @@ def _identity_problems(section: DistillationSection) -> list[str]:
     return []
 
 
+def _trains_student(record: dict[str, Any]) -> bool:
+    """A distillation record: a trial, a selection, or the interleaved stage (which also made the set)."""
+    stage = str(record.get("stage"))
+    return phase_of(stage) == "compression" or stage == INTERLEAVED
+
+
 def _is_trial(record: dict[str, Any], trial: str) -> bool:
-    return phase_of(str(record.get("stage"))) == "compression" and record.get("info", {}).get("trial") == trial
+    return _trains_student(record) and record.get("info", {}).get("trial") == trial
 
 
 def _distillation_problems(section: DistillationSection, records: list[Record], artifacts: dict[str, Any]) -> list[str]:
@@ -173,7 +179,7 @@ def _distillation_problems(section: DistillationSection, records: list[Record], 
         )
         problems += _named_outputs(found, artifacts)
     if "result" in section:
-        found = _last(records, lambda r: phase_of(str(r.get("stage"))) == "compression")
+        found = _last(records, _trains_student)
         if found is None:
             problems.append("manifest.json stages.distillation.result: the ledger has no complete distillation record")
         else:

@@ -23,6 +23,10 @@ from dfkd.report.notes import caveats, provenance
 
 REPORT_SCHEMA = "dfkd.report/1"
 PHASES = ("generation", "compression", "teacher", "other")
+# The stage of the interleaved mode: one record metered in phases, split between generation and compression.
+INTERLEAVED = "interleaved"
+# Where each metered phase of a phased record goes in the report's split.
+PHASE_OF_PART = {"generation": "generation", "compression": "compression"}
 ENERGY_PARTS = ("cpu", "gpu", "ram", "total")
 # What the report shows of a stage's manifest section: its resolved settings, not its results.
 CONFIG_KEYS = ("config", "method_config", "config_hash", "identity", "teacher", "source", "selection", "targets")
@@ -33,7 +37,10 @@ COMPARISON_BASIS = (
 
 
 def phase_of(stage: str) -> str:
-    """Generation (making the synthetic set), compression (distillation, grid trials, selection) or other."""
+    """Generation (making the synthetic set), compression (distillation, grid trials, selection), teacher,
+    other, or `interleaved` (both at once: its record's metered phases are split between them)."""
+    if stage == INTERLEAVED:
+        return INTERLEAVED
     if stage == "synthesis":
         return "generation"
     if stage in ("distillation", "selection") or stage.startswith("distillation["):
@@ -68,7 +75,7 @@ def _result(phase: str, result: dict[str, Any]) -> dict[str, Any] | None:
     who = "teacher" if phase == "teacher" else "student"
     winner = result.get("winner")
     of_winner = f" (the winner, {winner})" if winner else ""
-    if "quality" in result:
+    if "quality" in result and phase != INTERLEAVED:  # the interleaved stage's headline is its student
         metric, value = "target_agreement", result["quality"]["target_agreement"]
         meaning = "share of synthetic images the teacher classifies as their target"
     elif result.get("test_acc") is not None:
@@ -120,7 +127,35 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         "metering_failures": list(record["metering"]["failures"]),
         "info": info,
         "work": work,
+        # Only records metered in phases have parts, so other rows are as they always were.
+        **({"parts": _parts(record)} if "phases" in record else {}),
     }
+
+
+def _parts(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A phased record's share of each metered phase, with PUE and CO2eq applied as to the whole record;
+    what ran outside the phases (setup, metering) goes to `other`."""
+    pue, intensity = record["pue"], record["carbon_intensity_g_per_kwh"]
+    parts = {}
+    for name, entry in record["phases"].items():
+        energy = {part: entry["energy_kwh"][part] for part in ENERGY_PARTS}
+        with_pue = {part: None if value is None else value * pue for part, value in energy.items()}
+        parts[name] = {
+            "phase": PHASE_OF_PART.get(name, "other"),
+            "status": record["status"],
+            "duration_s": entry["duration_s"],
+            "energy_kwh": energy,
+            "energy_kwh_with_pue": with_pue,
+            "co2eq_g": None if with_pue["total"] is None else with_pue["total"] * intensity,
+            "flops": entry.get("flops"),
+        }
+    return parts
+
+
+def phase_shares(rows: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    """What of `rows` belongs to `phase`: whole rows of that phase and the matching parts of phased rows."""
+    whole = [row for row in rows if row["phase"] == phase]
+    return whole + [part for row in rows for part in row.get("parts", {}).values() if part["phase"] == phase]
 
 
 def _sum(values: list[float | None]) -> float | None:
@@ -206,7 +241,7 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
         },
         "rows": rows,
         "totals": sum_rows(rows),
-        "phases": {phase: sum_rows([r for r in rows if r["phase"] == phase]) for phase in PHASES},
+        "phases": {phase: sum_rows(phase_shares(rows, phase)) for phase in PHASES},
         "interrupted": sum_rows([r for r in rows if r["status"] != "complete"]),
         "provenance": provenance(rows),
         "caveats": caveats(rows, problems),

@@ -111,8 +111,6 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
     device = resolve_device(config.device)
     get_loss(config.loss)
     spec = config.tau_spec
-    if spec.mode != "stochastic" and config.tau_per == "sample":
-        raise DfkdError(f"--tau-per sample needs --tau stochastic: a {spec.mode} tau is the same for every image")
     teacher_path, teacher_sha = _resolve_teacher(config, run)
     teacher, meta = load_checkpoint(teacher_path)
     if config.data:
@@ -197,7 +195,7 @@ def _sampler_for(prepared: PreparedDistill, trial: str) -> TauSampler:
 RESUME_ROLE = "resume-state"
 
 
-def _resume_state(run: RunDir, folder: Path) -> Path | None:
+def resume_state(run: RunDir, folder: Path) -> Path | None:
     """The trial's resume state the manifest records, checked against its hash; None to start afresh.
 
     A state file the manifest does not record was being written when the process was killed: it is
@@ -223,7 +221,7 @@ def _resume_state(run: RunDir, folder: Path) -> Path | None:
     return path
 
 
-def _save_resume(
+def save_resume(
     path: Path,
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -252,7 +250,7 @@ def _save_resume(
 _LEGACY_MOMENTUM = "optim.momentum."
 
 
-def _load_resume(
+def load_resume(
     path: Path,
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -301,17 +299,31 @@ def _tau_summary(drawn: list[float | torch.Tensor], tau_range: tuple[float, ...]
 
 
 def _evaluation_figures(prepared: PreparedDistill, student: torch.nn.Module, with_test: bool) -> dict[str, Any]:
-    """Agreement with the teacher on the held-out slice; validation / test accuracy where that data was given."""
-    meta, device, data = prepared.teacher_meta, prepared.device, prepared.data
+    data = prepared.data
+    test_set = prepared.test_set if with_test else None
+    meta, device = prepared.teacher_meta, prepared.device
+    return student_figures(student, meta, device, data.holdout, data.teacher_holdout_logits, data.validation, test_set)
+
+
+def student_figures(
+    student: torch.nn.Module,
+    meta: CheckpointMeta,
+    device: torch.device,
+    holdout: ImageSet,
+    teacher_holdout_logits: torch.Tensor,
+    validation: ImageSet | None,
+    test_set: ImageSet | None,
+) -> dict[str, Any]:
+    """Agreement with the teacher on held-out synthetic images; validation / test accuracy where that data was given."""
     figures: dict[str, Any] = {
         "holdout_agreement": top1_agreement(
-            predict_logits(student, data.holdout.images, meta.mean, meta.std, device).cpu(), data.teacher_holdout_logits
+            predict_logits(student, holdout.images, meta.mean, meta.std, device).cpu(), teacher_holdout_logits
         )
     }
-    if data.validation is not None:
-        figures["val_acc"] = evaluate_on(student, data.validation, meta.mean, meta.std, device)["accuracy"]
-    if with_test and prepared.test_set is not None:
-        figures["test_metrics"] = evaluate_on(student, prepared.test_set, meta.mean, meta.std, device)
+    if validation is not None:
+        figures["val_acc"] = evaluate_on(student, validation, meta.mean, meta.std, device)["accuracy"]
+    if test_set is not None:
+        figures["test_metrics"] = evaluate_on(student, test_set, meta.mean, meta.std, device)
         figures["test_acc"] = figures["test_metrics"]["accuracy"]
     return figures
 
@@ -329,10 +341,10 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     )
     sampler = _sampler_for(prepared, trial)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    resume_path = _resume_state(run, folder)
+    resume_path = resume_state(run, folder)
     start_epoch, log = 0, list[dict[str, Any]]()
     if resume_path is not None:
-        start_epoch, log = _load_resume(
+        start_epoch, log = load_resume(
             resume_path, student, optimizer, scheduler, sampler, generator, prepared.identity
         )
     loss_fn = get_loss(config.loss)
@@ -368,7 +380,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         log.append(entry)
         nonlocal resume_path
         previous, resume_path = resume_path, folder / f"resume-e{stats.epoch:04d}.safetensors"
-        digest = _save_resume(
+        digest = save_resume(
             resume_path, student, optimizer, scheduler, sampler, generator, stats.epoch, log, prepared.identity
         )
         metrics_digest = atomic_write_bytes(
@@ -557,7 +569,7 @@ def run_distillation(
     done = {trial: trial_done(prepared, run, trial) for trial in prepared.trials}
     for trial in prepared.trials:
         if done[trial] is None:  # every damaged state is refused before the first trial's meter starts
-            _resume_state(run, trial_dir(run, trial))
+            resume_state(run, trial_dir(run, trial))
     for trial in prepared.trials:
         finished_trial = done[trial]
         if finished_trial is not None:

@@ -21,6 +21,7 @@ from dfkd.manifest import synthesis_of
 from dfkd.report.build import build_report
 from dfkd.rundir import SYNTHETIC_DIR, RunDir
 from dfkd.stages.distill import check_same_distillation, distill_run, student_source
+from dfkd.stages.interleaved import check_same_interleaved, prepare_interleaved, run_interleaved
 from dfkd.stages.synthesis import check_same_synthesis, prepare_synthesis, run_synthesis
 from dfkd.synthetic_set import SyntheticSet
 
@@ -63,8 +64,11 @@ def record_recipe(run: RunDir, recipe: Recipe) -> None:
 
 
 def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Synthesize, distil (and evaluate) in `root`, resuming where an earlier attempt stopped."""
+    """Synthesize, distil (and evaluate) in `root`, resuming where an earlier attempt stopped: two stages,
+    or the rounds of the interleaved mode as one stage."""
     check_inputs(recipe)
+    if recipe.interleaved:
+        return _run_interleaved(recipe, root, show_progress)
     prepared = prepare_synthesis(recipe.synthesis)
     run = RunDir.open(root)
     with run.locked():
@@ -77,6 +81,23 @@ def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[s
         synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
         distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)
     return {"run": str(run.root), "synthesis": synthesis, "synthesis_work": work, "distillation": distillation}
+
+
+def _run_interleaved(recipe: Recipe, root: Path, show_progress: bool) -> dict[str, Any]:
+    prepared = prepare_interleaved(recipe)
+    run = RunDir.open(root)
+    with run.locked():
+        # Every refusal comes before the first write: a refused run leaves the run dir as it was.
+        check_same_recipe(run, recipe)
+        check_same_interleaved(run, prepared)
+        record_recipe(run, recipe)
+        result = run_interleaved(prepared, run, recipe.carbon, show_progress=show_progress)
+    return {
+        "run": str(run.root),
+        "mode": "interleaved",
+        "synthesis": {"quality": result["quality"]},
+        "distillation": result,
+    }
 
 
 def share_synthetic(source: RunDir, target: RunDir) -> None:
@@ -108,6 +129,11 @@ def study_tau(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[st
     Returns the report of both runs; its `comparisons` hold the paper's Table-6 figures (energy and
     CO2 of each, their ratio, the accuracy of each and the difference), also saved in `root/tau-study.json`.
     """
+    if recipe.interleaved:
+        raise DfkdError(
+            "dfkd study tau compares tau settings on one shared synthetic set, but an interleaved run makes its own "
+            "set against its student: study tau on a two-stage recipe (recipes/c10_wrn40_2-wrn16_1_fast_tau_study.toml uses the fast method)"
+        )
     grid_tau = recipe.distill.tau if recipe.distill.tau.startswith("grid") else "grid"
     stochastic = dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, tau="stochastic"))
     grid = dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, tau=grid_tau))

@@ -9,24 +9,30 @@ the stage's figures into the ledger record.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.ledger import read_ledger
-from dfkd.carbon.meter import meter, recover_pending
+from dfkd.carbon.meter import StageOutcome, meter, recover_pending
 from dfkd.rundir import RunDir
+
+# `phase("generation")`: a context that bills what runs inside it to that phase of the stage's record.
+Phase = Callable[[str], AbstractContextManager[None]]
 
 
 @dataclass
 class StageReport:
-    """What a stage hands back: its figures, the work done, and how many FLOP units it did."""
+    """What a stage hands back: its figures, the work done, and how many FLOP units it did (in all, or
+    per phase for a stage metered in phases)."""
 
     result: dict[str, Any]
     work: dict[str, Any]
     flops_units: int = 0
+    phase_units: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,18 +59,65 @@ def run_metered(
     stage is finished only once that record is written. Afterwards the manifest pins the ledger's last
     record (seq and hash), so `dfkd audit` notices records cut from the ledger's end.
     """
+
+    def fill(outcome: StageOutcome) -> StageReport:
+        report = work()
+        if flops is not None and report.flops_units > 0:
+            outcome.flops = flops.flops * report.flops_units
+            outcome.flops_method = f"counted by torch.utils.flop_counter on {_units(flops, report.flops_units)}"
+        return report
+
+    return _metered(run, stage, carbon, device, info, fill)
+
+
+def run_metered_in_phases(
+    run: RunDir,
+    stage: str,
+    carbon: CarbonConfig,
+    device: torch.device,
+    info: dict[str, Any],
+    work: Callable[[Phase], StageReport],
+    flops: dict[str, FlopsPerUnit],
+) -> StageReport:
+    """`run_metered` for a stage whose work alternates between phases (the interleaved mode's
+    generation and compression): `work(phase)` enters `phase(name)` around each part, and the record
+    carries each phase's energy, time and FLOPs (`flops[name]` per unit x the report's `phase_units`)."""
+
+    def fill(outcome: StageOutcome) -> StageReport:
+        report = work(outcome.phase)
+        counted = {name: units for name, units in report.phase_units.items() if units > 0 and name in flops}
+        if counted:
+            for name, units in counted.items():
+                outcome.phases.setdefault(name, {"energy_kwh": {}, "duration_s": 0.0})["flops"] = (
+                    flops[name].flops * units
+                )
+            outcome.flops = sum(flops[name].flops * units for name, units in counted.items())
+            outcome.flops_method = "counted by torch.utils.flop_counter on " + " + ".join(
+                f"{name}: {_units(flops[name], units)}" for name, units in counted.items()
+            )
+        return report
+
+    return _metered(run, stage, carbon, device, info, fill)
+
+
+def _units(flops: FlopsPerUnit, units: int) -> str:
+    return f"one {flops.unit} ({flops.flops:.4g} FLOPs) x {units} {flops.unit}s"
+
+
+def _metered(
+    run: RunDir,
+    stage: str,
+    carbon: CarbonConfig,
+    device: torch.device,
+    info: dict[str, Any],
+    fill: Callable[[StageOutcome], StageReport],
+) -> StageReport:
     recover_pending(run.ledger_path)
     try:
         with meter(stage, run.ledger_path, carbon, device, info) as outcome:
-            report = work()
+            report = fill(outcome)
             outcome.result = report.result
             outcome.work = report.work
-            if flops is not None and report.flops_units > 0:
-                outcome.flops = flops.flops * report.flops_units
-                outcome.flops_method = (
-                    f"counted by torch.utils.flop_counter on one {flops.unit} "
-                    f"({flops.flops:.4g} FLOPs) x {report.flops_units} {flops.unit}s"
-                )
     finally:
         records = read_ledger(run.ledger_path)
         if records:  # empty only when the meter failed to start (nothing was recorded, nothing ran)

@@ -34,7 +34,7 @@ from dfkd.stages.evaluate import predict_logits
 from dfkd.stages.runner import FlopsPerUnit, StageReport, finished_record, run_metered
 from dfkd.synthetic_set import SyntheticSet
 from synthesizers import get_synthesizer, list_synthesizers, method_config_class
-from synthesizers.base import Synthesizer
+from synthesizers.base import SynthesisBatch, Synthesizer
 from synthesizers.bn_stats import batchnorm_layers
 
 TARGETS_NOTE = "balanced: batch b holds classes (b*B + i) mod C, so every class gets N/C images (±1)"
@@ -136,7 +136,7 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
     done = next(
         (i for i, path in enumerate(shards) if synthetic.shard_count(path) != prepared.batch_count(i)), len(shards)
     )
-    if done and not synthetic.state_intact(done - 1) and _build_synthesizer(prepared).state_dict()["tensors"]:
+    if done and not synthetic.state_intact(done - 1) and build_synthesizer(prepared).state_dict()["tensors"]:
         state = synthetic.state_path(done - 1)
         if run.relative(state) in run.read_manifest()["artifacts"]:  # every shard is fine: the state is not
             raise DfkdError(
@@ -151,6 +151,40 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
         )
     synthetic.prune(keep=done)
     return done
+
+
+def write_batch(
+    synthetic: SyntheticSet,
+    prepared: PreparedSynthesis,
+    synthesizer: Synthesizer,
+    index: int,
+    batch: SynthesisBatch,
+    targets: torch.Tensor,
+    config_hash: str | None = None,
+) -> torch.Tensor:
+    """Write `batch` as shard `index` (uint8 images, targets, logits, losses; the synthesizer's state after
+    it); returns the uint8 images. A non-finite loss stops the run with the shards before it kept."""
+    images = (batch.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    tensors = {
+        "images": images.cpu().contiguous(),
+        "targets": targets.to(torch.int64).cpu().contiguous(),
+        "logits": batch.logits.detach().float().cpu().contiguous(),
+        "losses": batch.losses.detach().float().cpu().contiguous(),
+    }
+    if not torch.isfinite(tensors["losses"]).all():
+        raise DfkdError(
+            f"synthesis batch {index} produced a non-finite loss: the {index} shards before it are kept; "
+            "lower the method's lr with --set lr=..."
+        )
+    shard_meta = {
+        "method": prepared.config.method,
+        "config_hash": config_hash or prepared.config_hash,
+        "teacher_sha256": prepared.teacher_sha256,
+        "index": str(index),
+        "count": str(len(targets)),
+    }
+    synthetic.write_shard(index, tensors, shard_meta, synthesizer.state_dict())
+    return images
 
 
 def finished_result(run: RunDir, prepared: PreparedSynthesis, done: int) -> dict[str, Any] | None:
@@ -181,7 +215,7 @@ def finished_result(run: RunDir, prepared: PreparedSynthesis, done: int) -> dict
     return {"quality": stage["quality"], "preview": run.relative(preview), "shards": stage["shards"]}
 
 
-def _load_state(synthetic: SyntheticSet, synthesizer: Synthesizer, index: int) -> None:
+def load_synthesizer_state(synthetic: SyntheticSet, synthesizer: Synthesizer, index: int) -> None:
     """Restore the state saved with shard `index`, checked against its manifest hash.
 
     A method that keeps nothing across batches (DeepInversion) needs no state, so it can re-make any
@@ -252,10 +286,10 @@ def synthesize_stage(
     """Make the remaining shards, then the preview and the quality figures; record all in the manifest."""
     config, device = prepared.config, prepared.device
     meta = prepared.teacher_meta
-    synthesizer = _build_synthesizer(prepared)
+    synthesizer = build_synthesizer(prepared)
     synthetic = SyntheticSet(run)
     if start_shard:
-        _load_state(synthetic, synthesizer, start_shard - 1)
+        load_synthesizer_state(synthetic, synthesizer, start_shard - 1)
     run.update_manifest(
         stages={
             "synthesis": {
@@ -289,25 +323,7 @@ def synthesize_stage(
             torch.manual_seed(config.seed * 1_000_003 + index)
             targets = batch_targets(index, config.batch_size, count, meta.num_classes)
             batch = synthesizer.synthesize(targets, progress=report_step if show_progress else None)
-            tensors = {
-                "images": (batch.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous(),
-                "targets": targets.to(torch.int64).contiguous(),
-                "logits": batch.logits.detach().float().cpu().contiguous(),
-                "losses": batch.losses.detach().float().cpu().contiguous(),
-            }
-            if not torch.isfinite(tensors["losses"]).all():
-                raise DfkdError(
-                    f"synthesis batch {index} produced a non-finite loss: the {index} shards before it are kept; "
-                    "lower the method's lr with --set lr=..."
-                )
-            shard_meta = {
-                "method": config.method,
-                "config_hash": prepared.config_hash,
-                "teacher_sha256": prepared.teacher_sha256,
-                "index": str(index),
-                "count": str(count),
-            }
-            synthetic.write_shard(index, tensors, shard_meta, synthesizer.state_dict())
+            write_batch(synthetic, prepared, synthesizer, index, batch, targets)
             made += count
             progress.update(task, advance=count)
     data = synthetic.load()
@@ -333,7 +349,7 @@ def synthesize_stage(
     )
 
 
-def _build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
+def build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
     """The method's synthesizer; what it draws when built (CMI's head) comes from the run's seed, not
     from whatever the process drew before, so two runs with one seed make the same images."""
     meta = prepared.teacher_meta
@@ -349,18 +365,25 @@ def _build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
     )
 
 
-def synthesis_step_flops(prepared: PreparedSynthesis) -> float:
-    """FLOPs of one image-step of the method: the difference between 2- and 1-iteration runs on 2 images, on CPU."""
+def synthesis_step_flops(prepared: PreparedSynthesis, student: torch.nn.Module | None = None) -> float:
+    """FLOPs of one image-step of the method: the difference between 2- and 1-iteration runs on 2 images, on CPU.
+
+    With a `student` (the interleaved mode) its forward and backward passes of the student-aware term
+    are counted too, with any warm-up that would leave the term out set to none.
+    """
     method_class = get_synthesizer(prepared.config.method)
     meta = prepared.teacher_meta
     targets = torch.arange(2) % meta.num_classes
+    probe: dict[str, Any] = {"compile": False, "amp": False}
+    if student is not None and hasattr(prepared.method_config, "warmup_batches"):
+        probe["warmup_batches"] = 0
 
     def run(iterations: int) -> float:
-        config = apply_overrides(prepared.method_config, {"iterations": iterations, "compile": False, "amp": False})
+        config = apply_overrides(prepared.method_config, {**probe, "iterations": iterations})
         synthesizer = method_class(
             prepared.teacher, config, torch.device("cpu"), meta.mean, meta.std, meta.num_classes, meta.input_size
         )
-        return count_flops(lambda: synthesizer.synthesize(targets))
+        return count_flops(lambda: synthesizer.synthesize(targets, student=student))
 
     return (run(2) - run(1)) / 2
 

@@ -41,6 +41,39 @@ class NonFiniteLoss(DfkdError):
     """The loss became NaN or inf: training stops, keeping the last good epoch's state."""
 
 
+def train_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    batch_loss: BatchLoss,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One optimiser step on `images[indices]` (uint8, on the device), augmented and normalised there;
+    returns the loss as an fp32 device scalar (read it when convenient: reading it is a host sync)."""
+    device = images.device
+    batch = normalize(random_crop_flip(images[indices], generator=generator), mean, std, device.type == "cuda")
+    with autocast(device):
+        loss = batch_loss(batch, labels[indices], indices)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach().float()
+
+
+def check_loss(mean_loss: float, where: str, unit: str) -> None:
+    """A NaN or inf loss stops training; the last good `unit`'s state stays the one to resume from."""
+    if not torch.isfinite(torch.tensor(mean_loss)):
+        raise NonFiniteLoss(
+            f"the training loss became {mean_loss} in {where}: the last good {unit} is kept; "
+            "lower --lr or check the inputs"
+        )
+
+
 def train_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -66,7 +99,6 @@ def train_epochs(
     to the progress bar (e.g. the last tau) without touching device tensors.
     """
     device = images.device
-    channels_last = device.type == "cuda"
     steps_per_epoch = len(images) // batch_size
     if steps_per_epoch == 0:
         raise DfkdError(f"{len(images)} training images is fewer than one batch of {batch_size}: lower --batch-size")
@@ -77,20 +109,9 @@ def train_epochs(
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for indices in iterate_batches(len(images), batch_size, device, generator=generator):
-                batch = normalize(random_crop_flip(images[indices], generator=generator), mean, std, channels_last)
-                with autocast(device):
-                    loss = batch_loss(batch, labels[indices], indices)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach().float()
+                loss_sum += train_step(optimizer, scheduler, images, labels, indices, batch_loss, mean, std, generator)
             mean_loss = (loss_sum / steps_per_epoch).item()
-            if not torch.isfinite(torch.tensor(mean_loss)):
-                raise NonFiniteLoss(
-                    f"the training loss became {mean_loss} in epoch {epoch}: the last good epoch is kept; "
-                    "lower --lr or check the inputs"
-                )
+            check_loss(mean_loss, f"epoch {epoch}", "epoch")
             stats = EpochStats(
                 epoch=epoch,
                 loss=mean_loss,

@@ -152,7 +152,7 @@ def test_interrupted_run_resumes_the_same_tau_sequence_and_weights(
 
     import dfkd.stages.distill
 
-    original, calls = dfkd.stages.distill._save_resume, []
+    original, calls = dfkd.stages.distill.save_resume, []
 
     def killed_in_epoch_3(*args: Any, **kwargs: Any) -> str:
         calls.append(1)
@@ -161,7 +161,7 @@ def test_interrupted_run_resumes_the_same_tau_sequence_and_weights(
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(dfkd.stages.distill, "_save_resume", killed_in_epoch_3)
+        patch.setattr(dfkd.stages.distill, "save_resume", killed_in_epoch_3)
         result = CliRunner().invoke(app, ["distill", "--run", str(run), *COMMON, *TINY, "--epochs", "4"])
     assert result.exit_code != 0 and [e["epoch"] for e in metrics(run, "tau=stochastic")] == [1, 2]
     assert not (run / "student" / "student.safetensors").exists()

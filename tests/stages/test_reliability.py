@@ -122,7 +122,7 @@ def _interrupted_distillation(tmp_path: Path, tiny_recipe_sets: list[str], monke
     """A run whose distillation was stopped after epoch 1 of 2 (its state recorded)."""
     import dfkd.stages.distill
 
-    original, calls = dfkd.stages.distill._save_resume, []
+    original, calls = dfkd.stages.distill.save_resume, []
 
     def stop_in_epoch_2(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(1)
@@ -132,7 +132,7 @@ def _interrupted_distillation(tmp_path: Path, tiny_recipe_sets: list[str], monke
 
     run = tmp_path / "run"
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(dfkd.stages.distill, "_save_resume", stop_in_epoch_2)
+        patch.setattr(dfkd.stages.distill, "save_resume", stop_in_epoch_2)
         run_recipe(tiny_recipe(tiny_recipe_sets), run, show_progress=False)
     return run
 

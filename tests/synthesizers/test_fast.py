@@ -8,7 +8,7 @@ from torch import nn
 
 from dfkd.models import create_model
 from synthesizers import FastConfig
-from synthesizers.base import adversarial_term, frozen_student
+from synthesizers.base import adversarial_term, competition_term, frozen_student
 from synthesizers.bn_stats import BatchNormStatistics
 from synthesizers.cmi import CMI
 from synthesizers.configs import CMIConfig, DeepInversionConfig
@@ -174,10 +174,31 @@ def test_frozen_student_restores_mode_and_flags() -> None:
     assert student.training and [p.requires_grad for p in student.parameters()][0] is False
 
 
-def test_a_method_without_a_student_term_refuses_one(tiny: nn.Module) -> None:
-    di = DeepInversion(tiny, DeepInversionConfig(iterations=1), CPU, MEAN, STD, 10)
-    with pytest.raises(ValueError, match="deepinversion cannot take a student"):
-        di.synthesize(torch.arange(4), student=create_model("tiny", 10))
+def test_competition_term_pushes_toward_disagreement() -> None:
+    """Adaptive DeepInversion's 1 − JS: lowest where the two disagree, and its gradient with respect to
+    the images' logits moves the student's and the teacher's distributions apart."""
+    teacher = torch.tensor([[4.0, 0.0, 0.0]])
+    same = competition_term(teacher.clone(), teacher, 3.0)
+    apart = competition_term(torch.tensor([[0.0, 4.0, 0.0]]), teacher, 3.0)
+    assert same.item() == pytest.approx(1.0) and apart.item() < same.item()
+    student = torch.tensor([[2.0, 1.0, 0.0]], requires_grad=True)
+    competition_term(student, teacher, 3.0).sum().backward()
+    assert student.grad is not None
+    stepped = (student - 0.5 * student.grad).detach()
+    assert competition_term(stepped, teacher, 3.0).item() < competition_term(student.detach(), teacher, 3.0).item()
+
+
+def test_deepinversion_adds_its_competition_term_only_with_a_student(tiny: nn.Module) -> None:
+    student = create_model("tiny", 10)
+    weights = [p.detach().clone() for p in student.parameters()]
+    config = DeepInversionConfig(iterations=2, competition_weight=1.0)
+    runs = []
+    for with_student in (False, True):
+        di = DeepInversion(tiny, config, CPU, MEAN, STD, 10)
+        torch.manual_seed(1)
+        runs.append(di.synthesize(torch.arange(8) % 10, student=student if with_student else None))
+    assert not torch.equal(runs[0].losses, runs[1].losses)
+    assert all(torch.equal(w, p) for w, p in zip(weights, student.parameters()))
 
 
 def test_cmi_adds_its_adversarial_term_only_with_a_student(tiny: nn.Module) -> None:

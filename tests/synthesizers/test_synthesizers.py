@@ -95,6 +95,8 @@ def test_defaults_are_the_published_settings() -> None:
         l2_weight=0.0,
         jitter=0.125,
         flip=True,
+        competition_weight=0.01,
+        competition_temperature=3.0,
         amp=True,
         compile=False,
         log_every=50,
