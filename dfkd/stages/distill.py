@@ -42,7 +42,7 @@ from dfkd.optim import load_optimizer_tensors, optimizer_tensors, sgd_with_cosin
 from dfkd.rundir import STUDENT_DIR, RunDir
 from dfkd.stages.evaluate import check_classes, evaluate_on, predict_logits
 from dfkd.stages.runner import FlopsPerUnit, StageReport, finished_record, run_metered
-from dfkd.stages.training import EpochStats, train_epochs
+from dfkd.stages.training import BatchLoss, EpochStats, train_epochs
 from dfkd.synthetic_set import SyntheticSet
 from dfkd.tau import TauSampler, make_sampler
 from dfkd.tensor_files import safetensors_bytes
@@ -328,6 +328,31 @@ def student_figures(
     return figures
 
 
+def kd_batch_loss(
+    config: DistillConfig,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    sampler: TauSampler,
+    drawn: list[float | torch.Tensor],
+    real_labels: bool,
+) -> BatchLoss:
+    """The KD loss of one augmented batch: the teacher's logits (no grad), a τ from `sampler` (appended to
+    `drawn` for the epoch's summary), and as hard targets the labels on real data, else the teacher's argmax."""
+    loss_fn = get_loss(config.loss)
+
+    def batch_loss(x: torch.Tensor, labels: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        tau = sampler.sample(len(x))
+        drawn.append(tau)
+        if isinstance(tau, torch.Tensor):
+            tau = tau.to(x.device, non_blocking=True)
+        targets = labels if real_labels else teacher_logits.argmax(1)
+        return loss_fn(student(x), teacher_logits, targets, tau, config.alpha)
+
+    return batch_loss
+
+
 def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progress: bool = True) -> StageReport:
     """Train one student (one τ setting) to the end, resuming from its last completed epoch."""
     config, device, meta, data = prepared.config, prepared.device, prepared.teacher_meta, prepared.data
@@ -347,20 +372,11 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         start_epoch, log = load_resume(
             resume_path, student, optimizer, scheduler, sampler, generator, prepared.identity
         )
-    loss_fn = get_loss(config.loss)
     teacher = compiled(prepared.teacher, config.compile, device)
-    forward = compiled(student, config.compile, device)
     drawn: list[float | torch.Tensor] = []
-
-    def batch_loss(x: torch.Tensor, labels: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        tau = sampler.sample(len(x))
-        drawn.append(tau)
-        if isinstance(tau, torch.Tensor):
-            tau = tau.to(device, non_blocking=True)
-        targets = labels if data.real_labels else teacher_logits.argmax(1)
-        return loss_fn(forward(x), teacher_logits, targets, tau, config.alpha)
+    batch_loss = kd_batch_loss(
+        config, teacher, compiled(student, config.compile, device), sampler, drawn, data.real_labels
+    )
 
     def after_epoch(stats: EpochStats) -> None:
         entry: dict[str, Any] = {

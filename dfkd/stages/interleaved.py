@@ -45,7 +45,7 @@ from dfkd.device import compiled, free_memory_bytes, prepare_model, seed_everyth
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes, utc_now
 from dfkd.losses import get_loss
-from dfkd.manifest import distillation_of, synthesis_of
+from dfkd.manifest import distillation_of
 from dfkd.models import create_model
 from dfkd.optim import sgd_with_cosine
 from dfkd.progress import make_progress
@@ -53,6 +53,7 @@ from dfkd.rundir import STUDENT_DIR, RunDir
 from dfkd.stages.distill import (
     RESUME_ROLE,
     check_same_distillation,
+    kd_batch_loss,
     load_resume,
     publish_student,
     resume_state,
@@ -67,6 +68,7 @@ from dfkd.stages.synthesis import (
     PreparedSynthesis,
     batch_targets,
     build_synthesizer,
+    check_same_synthesis,
     load_synthesizer_state,
     prepare_synthesis,
     quality_figures,
@@ -165,12 +167,7 @@ def prepare_interleaved(recipe: Recipe) -> PreparedInterleaved:
 
 def check_same_interleaved(run: RunDir, prepared: PreparedInterleaved) -> None:
     """A run dir holding a set or a student made with other settings is refused before anything is written."""
-    existing = synthesis_of(run.read_manifest())
-    if existing and existing.get("config_hash") != prepared.set_hash:
-        raise DfkdError(
-            f"run dir {run.root} holds synthetic data made with other settings: pass --overwrite to start over "
-            "or use another --run"
-        )
+    check_same_synthesis(run, prepared.set_hash)
     check_same_distillation(run, prepared.identity)
 
 
@@ -276,15 +273,17 @@ class _Pool:
         self.held_targets: list[torch.Tensor] = []
 
     def add(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """Append round `index`'s batch: its held-out positions to the host, the rest to the device pool
+        (by index, not by mask, so no device sync)."""
         held = self.prepared.held_out(index)
-        keep = torch.ones(len(images), dtype=torch.bool)
-        keep[held] = False
-        self.held_images.append(images[held.to(images.device)].cpu())
-        self.held_targets.append(targets.cpu()[held])
-        trainable = images[keep.to(images.device)]
+        kept = torch.ones(len(images), dtype=torch.bool)
+        kept[held] = False
+        trainable = kept.nonzero().flatten()
+        self.held_images.append(images.index_select(0, held.to(images.device)).cpu())
+        self.held_targets.append(targets.cpu().index_select(0, held))
         end = self.count + len(trainable)
-        self.images[self.count : end] = trainable.to(self.images.device, non_blocking=True)
-        self.targets[self.count : end] = targets.to(self.targets.device)[keep.to(targets.device)]
+        self.images[self.count : end] = images.index_select(0, trainable.to(images.device)).to(self.images.device)
+        self.targets[self.count : end] = targets.index_select(0, trainable.to(targets.device)).to(self.targets.device)
         self.count = end
 
     def holdout(self, num_classes: int) -> ImageSet:
@@ -324,19 +323,9 @@ def interleave_rounds(
         shard = load_file(str(path))
         pool.add(index, shard["images"], shard["targets"])
     teacher = prepare_model(synthesis.teacher, device).eval().requires_grad_(False)
-    teacher_forward = compiled(teacher, distill.compile, device)
-    forward = compiled(student, distill.compile, device)
-    loss_fn = get_loss(distill.loss)
     drawn: list[float | torch.Tensor] = []
-
-    def batch_loss(x: torch.Tensor, _labels: torch.Tensor, _indices: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher_forward(x)
-        tau = sampler.sample(len(x))
-        drawn.append(tau)
-        if isinstance(tau, torch.Tensor):
-            tau = tau.to(device, non_blocking=True)
-        return loss_fn(forward(x), teacher_logits, teacher_logits.argmax(1), tau, distill.alpha)
+    forward = compiled(student, distill.compile, device)
+    batch_loss = kd_batch_loss(distill, compiled(teacher, distill.compile, device), forward, sampler, drawn, False)
 
     config = recipe.synthesis
     made_now = image_steps = kd_images = 0
@@ -346,6 +335,7 @@ def interleave_rounds(
         )
         for index in range(trained, prepared.rounds):
             entry: dict[str, Any] = {"round": index + 1}
+            synthesis_loss: torch.Tensor | None = None
             started = time.perf_counter()
             if index >= made:
                 with phase("generation"):
@@ -356,7 +346,7 @@ def interleave_rounds(
                     batch = synthesizer.synthesize(targets, student=aware)
                     images = write_batch(synthetic, synthesis, synthesizer, index, batch, targets, prepared.set_hash)
                     pool.add(index, images, targets)
-                    entry["synthesis_loss"] = float(batch.losses.mean())
+                    synthesis_loss = batch.losses.mean()  # read with the round's other figures, at its end
                     made_now += count
                     image_steps += count * synthesis.method_config.iterations
             entry["generation_s"] = time.perf_counter() - started
@@ -385,6 +375,8 @@ def interleave_rounds(
                         torch.cat([torch.as_tensor(t, dtype=torch.float32).flatten() for t in drawn]).mean()
                     )
                     drawn.clear()
+                if synthesis_loss is not None:
+                    entry["synthesis_loss"] = float(synthesis_loss)
                 entry.update(lr=optimizer.param_groups[0]["lr"], pool=pool.count, utc=utc_now())
                 every = recipe.evaluate.every
                 if every and (index + 1) % every == 0 and index + 1 < prepared.rounds and prepared.test_set is not None:

@@ -74,7 +74,7 @@ def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[s
     with run.locked():
         # Every refusal comes before the first write: a refused run leaves the run dir as it was.
         check_same_recipe(run, recipe)
-        check_same_synthesis(run, prepared)
+        check_same_synthesis(run, prepared.config_hash)
         source = student_source(recipe.distill, prepared.config_hash, prepared.teacher_sha256)
         check_same_distillation(run, recipe.distill.identity(source))
         record_recipe(run, recipe)
@@ -132,7 +132,8 @@ def study_tau(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[st
     if recipe.interleaved:
         raise DfkdError(
             "dfkd study tau compares tau settings on one shared synthetic set, but an interleaved run makes its own "
-            "set against its student: study tau on a two-stage recipe (recipes/c10_wrn40_2-wrn16_1_fast_tau_study.toml uses the fast method)"
+            "set against its student: study tau on a two-stage recipe "
+            "(recipes/c10_wrn40_2-wrn16_1_fast_tau_study.toml uses the fast method)"
         )
     grid_tau = recipe.distill.tau if recipe.distill.tau.startswith("grid") else "grid"
     stochastic = dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, tau="stochastic"))

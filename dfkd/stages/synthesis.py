@@ -111,10 +111,10 @@ def batch_targets(batch_index: int, batch_size: int, count: int, num_classes: in
     return (torch.arange(count) + batch_index * batch_size) % num_classes
 
 
-def check_same_synthesis(run: RunDir, prepared: PreparedSynthesis) -> None:
+def check_same_synthesis(run: RunDir, config_hash: str) -> None:
     """A run that holds synthetic data made with other settings is refused (before anything is written)."""
     existing = synthesis_of(run.read_manifest())
-    if existing and existing.get("config_hash") != prepared.config_hash:
+    if existing and existing.get("config_hash") != config_hash:
         raise DfkdError(
             f"run dir {run.root} holds synthetic data made with other settings (method, settings, batch size, seed "
             "or teacher): pass --overwrite to start over or use another --run"
@@ -130,7 +130,7 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
     """
     if overwrite:
         run.discard("synthesis", "distillation")
-    check_same_synthesis(run, prepared)
+    check_same_synthesis(run, prepared.config_hash)
     synthetic = SyntheticSet(run)
     shards = synthetic.valid_shards()[: prepared.num_batches]
     done = next(

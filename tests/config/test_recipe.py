@@ -107,3 +107,26 @@ def test_bad_overrides(tmp_path: Path) -> None:
 
 def test_missing_recipe() -> None:
     assert "does not exist" in fails("run", "recipes/nope.toml")
+
+
+def test_a_two_stage_recipe_resolves_as_before_modes_existed() -> None:
+    """Run dirs made before `[run] mode` existed compare their saved recipe with this: it must not change."""
+    resolved = load_recipe(REPO / "recipes" / "quickstart.toml").resolved()
+    assert "mode" not in resolved["run"] and "interleave" not in resolved and resolved["distill"]["epochs"] == 60
+
+
+def test_interleaved_recipes_validate_with_their_rounds() -> None:
+    fast = load_recipe(REPO / "recipes" / "c10_wrn40_2-wrn16_1_fast.toml")
+    assert fast.interleaved and fast.synthesis.method == "fast" and fast.distill.tau == "stochastic"
+    assert fast.rounds == 200 and fast.interleave.kd_steps == 100
+    resolved = fast.resolved()
+    assert resolved["run"]["mode"] == "interleaved" and "epochs" not in resolved["distill"]
+    assert resolved["interleave"] == {"kd_steps": 100, "warmup_rounds": 5}
+    cmi = load_recipe(REPO / "recipes" / "c10_wrn40_2-wrn16_1_cmi_interleaved.toml")
+    assert (cmi.synthesis.method, cmi.interleave.kd_steps, cmi.interleave.warmup_rounds) == ("cmi", 400, 20)
+    assert cmi.synthesis.method_settings["adv_weight"] == 0.5
+
+
+def test_an_interleave_section_in_a_two_stage_recipe_is_refused() -> None:
+    with pytest.raises(DfkdError, match="interleave applies only with"):
+        load_recipe(REPO / "recipes" / "quickstart.toml", ["interleave.kd_steps=3"])

@@ -197,10 +197,19 @@ def test_kill_9_mid_round_then_the_rerun_ends_with_the_uninterrupted_student(
     run = tmp_path / "killed"
     command = [sys.executable, "-c", SLOWED, "run", FAST, "--run", str(run), "--json", *tiny_interleaved]
     rng = random.Random(11)
+    pending = run / ".pending-interleaved.json"
+
+    def started() -> str | None:
+        try:
+            return json.loads(pending.read_text())["start_utc"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+
     for _ in range(2):
+        before = started()
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
-        while not (run / ".pending-interleaved.json").exists():
+        while started() in (None, before):
             assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
             assert time.monotonic() < deadline, "the rounds did not start in time"
             time.sleep(0.02)
