@@ -89,10 +89,20 @@ class TeacherTrainingSection(TypedDict, total=False):
     std: list[float]
 
 
+class EvaluationSection(TypedDict, total=False):
+    """The evaluation step on a finished run: the test data, the student it scored, its result."""
+
+    data: str
+    student_sha256: str
+    result: dict[str, Any]
+    finished_utc: str
+
+
 class Stages(TypedDict, total=False):
     synthesis: SynthesisSection
     distillation: DistillationSection
     teacher: TeacherTrainingSection
+    evaluation: EvaluationSection
 
 
 class Manifest(TypedDict, total=False):
@@ -147,6 +157,10 @@ def save_manifest(path: Path, manifest: Manifest) -> None:
 def synthesis_of(manifest: Manifest) -> SynthesisSection:
     """The synthesis section (empty when the run has none)."""
     return manifest.get("stages", {}).get("synthesis", {})
+
+
+def evaluation_of(manifest: Manifest) -> EvaluationSection:
+    return manifest.get("stages", {}).get("evaluation", {})
 
 
 def distillation_of(manifest: Manifest) -> DistillationSection:

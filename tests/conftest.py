@@ -69,6 +69,19 @@ def save_tiny_teacher(path: Path, num_classes: int = 10) -> Path:
     return path
 
 
+def image_folder(root: Path, classes: int, per_class: int = 2) -> Path:
+    """A tiny ImageFolder with train/ and test/ splits of 32x32 solid-colour images, one folder per class."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (40 * c, 10 * i, 90)).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny 10-class teacher of the mechanics tests (made once per session)."""

@@ -283,7 +283,25 @@ def build_recipe(name: str, data: dict[str, Any], overrides: dict[str, dict[str,
                     f"recipe sets no {section}.{key}: a recipe states its scale (synthesize.num_images and "
                     "distill.epochs); the defaults would be the paper's 50,000 images and 200 epochs"
                 )
+        _check_batch_fits(recipe)
     return recipe
+
+
+def _check_batch_fits(recipe: Recipe) -> None:
+    """A distillation batch larger than the synthetic images it trains on is refused now, not after synthesis."""
+    distill = recipe.distill
+    if distill.data:
+        return  # real data: its size is known only once it is read
+    images = recipe.synthesis.num_images
+    if distill.train_subset:
+        images = min(images, distill.train_subset)
+    held = max(1, round(images * distill.holdout))  # as the distillation splits off its held-out slice
+    if images - held < distill.batch_size:
+        raise DfkdError(
+            f"distill.batch_size = {distill.batch_size} is larger than the {images - held} training images that "
+            f"{images} synthetic images leave after the held-out slice ({held}): lower distill.batch_size or "
+            "raise synthesize.num_images"
+        )
 
 
 def _check_interleaved(recipe: Recipe, merged: dict[str, Any]) -> None:

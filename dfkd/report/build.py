@@ -49,6 +49,8 @@ def phase_of(stage: str) -> str:
 
 
 def _method(stage: str, info: dict[str, Any]) -> str | None:
+    if stage == "evaluation":
+        return f"evaluate {info.get('arch', '?')}"
     if "method" in info:
         return str(info["method"])
     if "loss" in info:

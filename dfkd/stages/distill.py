@@ -164,6 +164,11 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
     return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, identity_source)
 
 
+def resolved_data(path: str) -> str:
+    """A data path as results record it: absolute, so a later step can tell whether it is the same data."""
+    return str(Path(path).expanduser().resolve())
+
+
 def student_source(config: DistillConfig, synthesis_hash: str, teacher_sha256: str) -> str:
     """The images and the teacher a student learns from: a new synthetic set or teacher means a new student."""
     origin = f"data {Path(config.data).resolve()}" if config.data else f"synthesis {synthesis_hash}"
@@ -439,6 +444,8 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         batch_info=last_tau,
     )
     figures = _evaluation_figures(prepared, student, with_test=True)
+    if "test_acc" in figures:
+        figures["test_data"] = resolved_data(config.eval_data)
     student_meta = CheckpointMeta(
         arch=config.student,
         num_classes=meta.num_classes,

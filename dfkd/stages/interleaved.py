@@ -56,6 +56,7 @@ from dfkd.stages.distill import (
     kd_batch_loss,
     load_resume,
     publish_student,
+    resolved_data,
     resume_state,
     save_resume,
     student_figures,
@@ -410,6 +411,8 @@ def interleave_rounds(
         figures = student_figures(
             student, meta, device, holdout, _teacher_logits(teacher, pool, meta, device), None, prepared.test_set
         )
+        if "test_acc" in figures:
+            figures["test_data"] = resolved_data(recipe.evaluate.data)
         student_path = _save_student(run, prepared, student, figures)
     result = {
         "quality": quality,

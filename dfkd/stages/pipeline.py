@@ -21,6 +21,7 @@ from dfkd.manifest import synthesis_of
 from dfkd.report.build import build_report
 from dfkd.rundir import SYNTHETIC_DIR, RunDir
 from dfkd.stages.distill import check_same_distillation, distill_run, student_source
+from dfkd.stages.evaluation import evaluate_run_student
 from dfkd.stages.interleaved import check_same_interleaved, prepare_interleaved, run_interleaved
 from dfkd.stages.synthesis import check_same_synthesis, prepare_synthesis, run_synthesis
 from dfkd.synthetic_set import SyntheticSet
@@ -36,22 +37,36 @@ def check_inputs(recipe: Recipe) -> None:
             check_data_path(path)
 
 
+# Settings that change no stage's output: how a run is described, where it runs, what its finished
+# student is evaluated on, how its energy is accounted. They may differ on a rerun of the same run dir.
+STEP_KEYS = ("run.description", "run.device", "evaluate.data", "evaluate.every", "distill.compile", "carbon.")
+
+
 def check_same_recipe(run: RunDir, recipe: Recipe) -> None:
-    """A run dir made from another recipe (or other --set values) is refused."""
+    """A run dir made from another recipe (or other --set values) is refused, unless only `STEP_KEYS` differ."""
     resolved = recipe.resolved()
     existing = run.read_manifest().get("recipe")
     if existing is not None and existing != resolved:
+        sections = dict.fromkeys([*resolved, *existing])
         changed = sorted(
             f"{section}.{key}"
-            for section in resolved
-            if isinstance(resolved[section], dict)
-            for key in resolved[section]
-            if resolved[section][key] != (existing.get(section) or {}).get(key)
+            for section in sections
+            for key in dict.fromkeys([*_keys(resolved.get(section)), *_keys(existing.get(section))])
+            if (resolved.get(section) or {}).get(key) != (existing.get(section) or {}).get(key)
         ) or ["name"]
+        if resolved["name"] != existing.get("name"):
+            changed = ["name", *changed]
+        changed = [key for key in changed if not key.startswith(STEP_KEYS)]
+        if not changed:
+            return
         raise DfkdError(
             f"run dir {run.root} was made from another recipe or other settings ({', '.join(changed)} differ): "
             "use another --run or the same settings"
         )
+
+
+def _keys(section: Any) -> list[str]:
+    return list(section) if isinstance(section, dict) else []
 
 
 def record_recipe(run: RunDir, recipe: Recipe) -> None:
@@ -80,7 +95,17 @@ def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[s
         record_recipe(run, recipe)
         synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
         distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)
+        distillation = _with_evaluation(recipe, run, distillation, prepared.device)
     return {"run": str(run.root), "synthesis": synthesis, "synthesis_work": work, "distillation": distillation}
+
+
+def _with_evaluation(recipe: Recipe, run: RunDir, result: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The finished run's result with its student's accuracy on `[evaluate] data`, measured now if it
+    was named only after the distillation (a step on the finished run, metered as `evaluation`)."""
+    if not recipe.evaluate.data:
+        return result
+    evaluation = evaluate_run_student(run, recipe.evaluate.data, recipe.carbon, device)
+    return {**result, "test_acc": evaluation["test_acc"], "test_data": evaluation["data"]}
 
 
 def _run_interleaved(recipe: Recipe, root: Path, show_progress: bool) -> dict[str, Any]:
@@ -92,6 +117,7 @@ def _run_interleaved(recipe: Recipe, root: Path, show_progress: bool) -> dict[st
         check_same_interleaved(run, prepared)
         record_recipe(run, recipe)
         result = run_interleaved(prepared, run, recipe.carbon, show_progress=show_progress)
+        result = _with_evaluation(recipe, run, result, prepared.synthesis.device)
     return {
         "run": str(run.root),
         "mode": "interleaved",

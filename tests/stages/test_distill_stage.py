@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import save_tiny_teacher
-from PIL import Image
+from conftest import image_folder, save_tiny_teacher
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -250,16 +249,6 @@ def test_run_dir_without_synthetic_data(tmp_path: Path, tiny_teacher: Path) -> N
     message = distill_fails(empty, "--teacher", str(tiny_teacher))
     assert "has no synthetic shards" in message and "dfkd synthesize" in message
     assert "does not exist" in distill_fails(tmp_path / "missing", "--teacher", str(tiny_teacher))
-
-
-def image_folder(root: Path, classes: int, per_class: int = 2) -> Path:
-    for split in ("train", "test"):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("RGB", (32, 32), (40 * c, 10 * i, 90)).save(folder / f"{i}.png")
-    return root
 
 
 def test_class_count_mismatch(run: Path, tmp_path: Path, tiny_teacher: Path) -> None:

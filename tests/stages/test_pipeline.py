@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import image_folder
 from typer.testing import CliRunner
 
 from dfkd.carbon.ledger import read_ledger
@@ -89,3 +90,39 @@ def test_study_tau_shares_one_synthetic_set_and_compares(tmp_path: Path, tiny_re
         "selection",
     ]
     assert audit_run(study / "grid") == [] and audit_run(study / "stochastic") == []
+
+
+def test_a_finished_run_gains_an_evaluation_without_redoing_its_stages(
+    tmp_path: Path, tiny_recipe_sets: list[str]
+) -> None:
+    """Issue 12: evaluation is a step on a finished run; only settings that change a stage's output refuse."""
+    run = tmp_path / "run"
+    first = invoke("run", QUICKSTART, "--run", str(run), *tiny_recipe_sets)
+    assert "test_acc" not in first["distillation"]
+    data = image_folder(tmp_path / "data", 10)
+    extended = invoke("run", QUICKSTART, "--run", str(run), *tiny_recipe_sets, "--set", f"evaluate.data={data}")
+    assert 0 <= extended["distillation"]["test_acc"] <= 100
+    assert extended["distillation"]["test_data"] == str(data.resolve())
+    stages = [r["stage"] for r in read_ledger(run / "carbon.jsonl")]
+    assert stages == ["synthesis", "distillation", "evaluation"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["recipe"]["evaluate"]["data"] == str(data)  # the recorded recipe is the latest
+    assert manifest["stages"]["evaluation"]["result"]["test_acc"] == extended["distillation"]["test_acc"]
+    assert audit_run(run) == []
+
+    # Asked again: recorded, nothing metered. A description or the carbon settings may change too.
+    again = invoke(
+        "run", QUICKSTART, "--run", str(run), *tiny_recipe_sets, "--set", f"evaluate.data={data}",
+        "--set", "run.description=renamed", "--set", "carbon.pue=1.2",
+    )  # fmt: skip
+    assert again["distillation"]["test_acc"] == extended["distillation"]["test_acc"]
+    assert len(read_ledger(run / "carbon.jsonl")) == 3
+
+
+def test_a_batch_larger_than_the_set_is_refused_before_any_work(tmp_path: Path, tiny_recipe_sets: list[str]) -> None:
+    result = CliRunner().invoke(
+        app, ["run", QUICKSTART, "--run", str(tmp_path / "run"), *tiny_recipe_sets, "--set", "distill.batch_size=64"]
+    )
+    assert result.exit_code == 2
+    assert "distill.batch_size = 64 is larger than the 43 training images" in result.stderr
+    assert not (tmp_path / "run").exists()
