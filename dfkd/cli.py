@@ -7,7 +7,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
@@ -26,14 +26,19 @@ from dfkd.rundir import RunDir, default_run_dir
 # Heavy modules (torch, kornia, codecarbon) are imported inside the commands that need them, so
 # `dfkd --help`, `dfkd report`, `dfkd audit` and `dfkd validate` start fast and run without torch.
 
+# Plain click help (no rich panels): flags without a `<bool>` placeholder, choices listed, and text that
+# wraps at any terminal width; `-h` as well as `--help`, as most command-line tools accept.
+_APP_STYLE: dict[str, Any] = {
+    "no_args_is_help": True,
+    "rich_markup_mode": None,
+    "context_settings": {"help_option_names": ["-h", "--help"], "max_content_width": 100},
+}
 app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="Data-free knowledge distillation with per-stage carbon accounting.",
+    add_completion=False, help="Data-free knowledge distillation with per-stage carbon accounting.", **_APP_STYLE
 )
-teacher_app = typer.Typer(no_args_is_help=True, help="Train a teacher on real data.")
-checkpoint_app = typer.Typer(no_args_is_help=True, help="Inspect and import checkpoints.")
-study_app = typer.Typer(no_args_is_help=True, help="Studies that compare runs of one recipe.")
+teacher_app = typer.Typer(help="Train a teacher on real data.", **_APP_STYLE)
+checkpoint_app = typer.Typer(help="Inspect and import checkpoints.", **_APP_STYLE)
+study_app = typer.Typer(help="Studies that compare runs of one recipe.", **_APP_STYLE)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(study_app, name="study")
@@ -43,8 +48,21 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version
+
+        out.print(f"dfkd {version('dfkd')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print dfkd's version and exit."
+    ),
+) -> None:
     _state["debug"] = debug
 
 
@@ -376,10 +394,10 @@ def distill_command(
     ),
     tau: str = typer.Option("stochastic", "--tau", help="stochastic | a number >= 1 | grid | grid:2,4,8,16"),
     tau_range: str = typer.Option("2,20", "--tau-range", help="Range of the stochastic tau, low,high."),
-    tau_per: str = typer.Option(
+    tau_per: Literal["batch", "sample"] = typer.Option(
         "batch", "--tau-per", help="batch (the paper) or sample (one tau per image; our extension)."
     ),
-    loss: str = typer.Option("hkd", "--loss", help="hkd | cmc | dml"),
+    loss: Literal["hkd", "cmc", "dml"] = typer.Option("hkd", "--loss", help="The KD loss (see README)."),
     alpha: float = typer.Option(0.95, "--alpha", help="Weight of the KD term in hkd."),
     epochs: int = typer.Option(200, "--epochs"),
     batch_size: int = typer.Option(256, "--batch-size"),
@@ -455,10 +473,17 @@ def distill_command(
 @user_errors
 def report_command(
     runs: list[Path] = typer.Argument(..., help="One or more run dirs, shown side by side."),
-    fmt: str = typer.Option("table", "--format", help="table | json | markdown | html (one self-contained file)."),
+    fmt: Literal["table", "json", "markdown", "html"] = typer.Option(
+        "table", "--format", help="html is one self-contained file."
+    ),
     out_file: Path | None = typer.Option(None, "--out", help="Write to this file (atomically) instead of stdout."),
+    as_json: bool = typer.Option(False, "--json", help="The same as --format json, as every other command takes it."),
 ) -> None:
     """The per-stage carbon report: energy, CO2eq, FLOPs and results of every ledger record."""
+    if as_json:
+        if fmt not in ("table", "json"):
+            raise DfkdError(f"--json and --format {fmt} ask for two formats: pass one of them")
+        fmt = "json"
     from dfkd.files import atomic_write_bytes
     from dfkd.report.build import build_report
     from dfkd.report.render import render, render_table

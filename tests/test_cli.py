@@ -437,3 +437,34 @@ def test_import_refuses_pickled_code_and_bad_paths(tmp_path: Path) -> None:
         invoke("checkpoint", "import", evil, tmp_path / "e.pt", "--arch", "tiny"), "must end in .safetensors"
     )
     assert files_under(tmp_path) == {"evil.pth"}
+
+
+def test_cli_conventions_short_help_version_and_plain_flags() -> None:
+    """Issue 12: `-h` and `--version`; flags without a `<bool>` placeholder; choices listed in the help."""
+    from importlib.metadata import version
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).stdout.strip() == f"dfkd {version('dfkd')}"
+    short, long = runner.invoke(app, ["distill", "-h"]), runner.invoke(app, ["distill", "--help"])
+    assert short.exit_code == 0 and short.stdout == long.stdout
+    assert "<bool>" not in long.stdout and "<hkd|cmc|dml>" in long.stdout and "<batch|sample>" in long.stdout
+    assert "<table|json|markdown|html>" in runner.invoke(app, ["report", "-h"]).stdout
+
+
+def test_report_takes_json_like_every_command(tmp_path: Path) -> None:
+    from dfkd.carbon.config import CarbonConfig
+    from dfkd.carbon.meter import meter
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with meter("synthesis", run / "carbon.jsonl", CarbonConfig(grid_g_per_kwh=400.0), "cpu", {"method": "cmi"}):
+        pass
+    runner = CliRunner()
+    by_flag, by_format = (
+        runner.invoke(app, ["report", str(run), "--json"]),
+        runner.invoke(app, ["report", str(run), "--format", "json"]),
+    )
+    assert by_flag.exit_code == 0 and json.loads(by_flag.stdout)["runs"][0]["rows"][0]["stage"] == "synthesis"
+    assert json.loads(by_flag.stdout)["runs"] == json.loads(by_format.stdout)["runs"]
+    both = runner.invoke(app, ["report", str(run), "--json", "--format", "html"])
+    assert both.exit_code == 2 and "two formats" in both.stderr
