@@ -244,7 +244,7 @@ def evaluate_command(
     from dfkd.device import resolve_device
     from dfkd.stages.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(model, data, resolve_device(device))
+    metrics = evaluate_checkpoint(model, data, resolve_device(device), show_progress=not as_json)
     if as_json:
         print_json(metrics)
         return

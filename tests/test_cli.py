@@ -468,3 +468,13 @@ def test_report_takes_json_like_every_command(tmp_path: Path) -> None:
     assert json.loads(by_flag.stdout)["runs"] == json.loads(by_format.stdout)["runs"]
     both = runner.invoke(app, ["report", str(run), "--json", "--format", "html"])
     assert both.exit_code == 2 and "two formats" in both.stderr
+
+
+def test_evaluate_shows_a_progress_bar(tmp_path: Path, tiny_teacher: Path) -> None:
+    """Issue 12: every loop longer than a few seconds has a progress bar with ETA, evaluation included."""
+    from conftest import image_folder
+
+    data = image_folder(tmp_path / "data", 10)
+    result = CliRunner().invoke(app, ["evaluate", str(tiny_teacher), "--data", str(data), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "evaluate on 20 test images" in result.stderr and "20/20" in result.stderr

@@ -14,6 +14,7 @@ from dfkd.data import ImageSet, load_split, normalize
 from dfkd.device import autocast, prepare_model
 from dfkd.errors import DfkdError
 from dfkd.metrics import classification_metrics
+from dfkd.progress import make_progress
 
 # On the CPU a batch's activations must stay below glibc's 32 MiB mmap threshold, or every batch maps
 # fresh pages and faults them in: WRN-40-2 on the 10k CIFAR test images took 66 s at batch 1000 (half
@@ -30,10 +31,12 @@ def predict_logits(
     device: torch.device,
     batch_size: int | None = None,
     features: bool = False,
+    done: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """fp32 logits (or, with `features`, penultimate features) of uint8 `images`, in batches, on `device`.
 
-    `batch_size` defaults to 1000 on CUDA and `_CPU_BATCH` on the CPU.
+    `batch_size` defaults to 1000 on CUDA and `_CPU_BATCH` on the CPU; `done(n)` is told of every batch of
+    `n` images once it is queued (a progress bar).
     """
     if batch_size is None:
         batch_size = 1000 if device.type == "cuda" else _CPU_BATCH
@@ -46,6 +49,8 @@ def predict_logits(
         with autocast(device):
             out = cast(Callable[[Tensor], Tensor], model.forward_features)(batch) if features else model(batch)
         outputs.append(out.float())
+        if done is not None:
+            done(len(batch))
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
@@ -57,18 +62,31 @@ def check_classes(test_set: ImageSet, num_classes: int, model_path: Path | str) 
         )
 
 
-def evaluate_on(model: nn.Module, test_set: ImageSet, mean, std, device: torch.device) -> dict[str, Any]:
+def evaluate_on(
+    model: nn.Module,
+    test_set: ImageSet,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    show_progress: bool = False,
+) -> dict[str, Any]:
     """Table-5 metrics of `model` on `test_set` (accuracy, per-class P/R/F1, Cohen's kappa, confusion)."""
-    logits = predict_logits(model, test_set.images, mean, std, device)
+    with make_progress(show_progress) as progress:
+        task = progress.add_task(f"evaluate on {len(test_set)} test images", total=len(test_set), info="")
+        logits = predict_logits(
+            model, test_set.images, mean, std, device, done=lambda n: progress.update(task, advance=n)
+        )
     return classification_metrics(logits.argmax(1).cpu(), test_set.labels, test_set.num_classes, test_set.classes)
 
 
-def evaluate_checkpoint(checkpoint: Path, data: Path, device: torch.device) -> dict[str, Any]:
-    """Load a checkpoint and evaluate it on the test split of `data`."""
+def evaluate_checkpoint(
+    checkpoint: Path, data: Path, device: torch.device, show_progress: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint and evaluate it on the test split of `data` (with a progress bar and ETA if asked)."""
     model, meta = load_checkpoint(checkpoint)
     test_set = load_split(data, "test")
     check_classes(test_set, meta.num_classes, checkpoint)
-    metrics = evaluate_on(prepare_model(model, device), test_set, meta.mean, meta.std, device)
+    metrics = evaluate_on(prepare_model(model, device), test_set, meta.mean, meta.std, device, show_progress)
     metrics["model"] = {"path": str(checkpoint), "arch": meta.arch, "num_classes": meta.num_classes}
     metrics["data"] = test_set.source
     return metrics
