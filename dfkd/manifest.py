@@ -41,6 +41,8 @@ class TeacherRef(TypedDict, total=False):
     path: str
     sha256: str
     arch: str
+    num_classes: int  # what chance is (1 / num_classes), for the report's headline
+    test_acc: float | None  # the teacher's own test accuracy, as its checkpoint records it
 
 
 class SynthesisSection(TypedDict, total=False):

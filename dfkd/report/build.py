@@ -250,6 +250,42 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
         "config": _config(manifest),
         "artifacts": artifacts,
         "preview": _preview(run, artifacts),
+        "headline": headline(rows, _config(manifest), not problems),
+    }
+
+
+def headline(rows: list[dict[str, Any]], config: dict[str, Any], intact: bool) -> dict[str, Any]:
+    """What a reader needs first: how good the student is and against what, what it all cost, the split.
+
+    The student's figure is its last test accuracy, else its last agreement with the teacher on held-out
+    synthetic images; chance (1 / classes) and the teacher's own test accuracy (as its checkpoint records
+    it) say what that figure means.
+    """
+    teacher = config["stages"].get("synthesis", {}).get("teacher", {})
+    classes = teacher.get("num_classes")
+    done = [
+        r for r in rows if r["status"] == "complete" and r["result"] and r["phase"] not in ("generation", "teacher")
+    ]
+    student = next(
+        (r["result"] for metric in ("test_acc", "holdout_agreement") for r in reversed(done)
+         if r["result"]["metric"] == metric),
+        None,
+    )  # fmt: skip
+    totals = sum_rows(rows)
+    generation = sum_rows(phase_shares(rows, "generation"))["energy_kwh_with_pue"]["total"]
+    compression = sum_rows(phase_shares(rows, "compression"))["energy_kwh_with_pue"]["total"]
+    both = (generation or 0.0) + (compression or 0.0)
+    return {
+        "student": None if student is None else {k: student[k] for k in ("metric", "value", "unit", "meaning")},
+        "teacher_test_acc": teacher.get("test_acc"),
+        "chance": None if not classes else 100.0 / classes,
+        "classes": classes,
+        "energy_kwh_with_pue": totals["energy_kwh_with_pue"]["total"],
+        "co2eq_g": totals["co2eq_g"],
+        "generation_share": generation / both if generation is not None and both > 0 else None,
+        "duration_s": totals["duration_s"],
+        "fully_metered": totals["fully_metered"],
+        "ledger_intact": intact,
     }
 
 

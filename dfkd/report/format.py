@@ -171,6 +171,39 @@ def total_cells(label: str, totals: dict[str, Any]) -> list[str]:
     ]
 
 
+def headline_lines(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run at a glance, as (label, text) lines: result and what it means, energy, CO2eq, split, time."""
+    head = run["headline"]
+    student, chance, teacher = head["student"], head["chance"], head["teacher_test_acc"]
+    context = [f"chance is {chance:.3g} % ({head['classes']} classes)"] if chance is not None else []
+    if teacher is not None:
+        context.insert(0, f"the teacher scores {teacher:.2f} % on its test split")
+    if student is None:
+        quality = "no student yet"
+    elif student["metric"] == "test_acc":
+        quality = f"student test accuracy {student['value']:.2f} %"
+    else:
+        quality = (
+            f"student agrees with the teacher on {student['value']:.2f} % of held-out synthetic images "
+            "(imitation, not accuracy: add --set evaluate.data=PATH for test accuracy)"
+        )
+    share = head["generation_share"]
+    energy = number(head["energy_kwh_with_pue"])
+    if not head["fully_metered"]:
+        energy += " (some records not metered)"
+    lines = [
+        ("student", quality + (f"; {', '.join(context)}" if context else "")),
+        ("energy", f"{energy} kWh with PUE, {number(head['co2eq_g'])} g CO2eq"),
+        (
+            "split",
+            "-" if share is None else f"generation {share * 100:.0f} %, compression {(1 - share) * 100:.0f} %",
+        ),
+        ("wall time", duration(head["duration_s"]) + " in metered stages"),
+        ("ledger", "intact" if head["ledger_intact"] else "FAILS ITS CHECK: run `dfkd audit`"),
+    ]
+    return lines
+
+
 def totals_rows(run: dict[str, Any]) -> list[list[str]]:
     """Generation vs compression (and any other phase present), interrupted attempts, and the run's total."""
     rows = [total_cells(phase, totals) for phase, totals in run["phases"].items() if totals["records"]]

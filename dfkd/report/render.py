@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -27,6 +28,7 @@ from dfkd.report.format import (
     WORK_COLUMNS,
     artifact_rows,
     comparison_cells,
+    headline_lines,
     overview_cells,
     stage_cells,
     totals_rows,
@@ -49,6 +51,39 @@ def _columns(rows: list[list[str]], columns: Sequence[int]) -> list[list[str]]:
     return [[row[i] for i in columns] for row in rows]
 
 
+# Below this width the stage and total tables would squeeze their columns until numbers split: each
+# record is shown as a card of label/value lines instead.
+WIDE_MIN = 180
+
+
+class _Records:
+    """Rows of cells as tables where the terminal is wide enough, else as one card per row, so that no
+    number or word is ever split across lines (rich folds a word only when its column is narrower)."""
+
+    def __init__(self, tables: list[tuple[str, Sequence[str], list[list[str]]]], title: str, key: int = 1) -> None:
+        self.tables, self.title, self.key = tables, title, key
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:  # noqa: ARG002
+        if options.max_width >= WIDE_MIN:
+            for title, headers, rows in self.tables:
+                yield _rich_table(title, headers, rows)
+            return
+        yield Text(self.title, style="bold")
+        merged = [dict(zip(headers, row)) for _, headers, rows in self.tables[:1] for row in rows]
+        for _, headers, rows in self.tables[1:]:
+            for fields, row in zip(merged, rows):
+                fields.update(zip(headers, row))
+        for fields in merged:
+            card = Table.grid(padding=(0, 2))
+            card.add_column(no_wrap=True, style="dim")
+            card.add_column()
+            name = list(fields.values())[self.key]
+            for label, value in fields.items():
+                card.add_row(Text(label), Text(value))
+            yield Text(f"  {name}", style="bold yellow" if "INTERRUPTED" in " ".join(fields.values()) else "bold")
+            yield Padding(card, (0, 0, 0, 4))
+
+
 def _run_renderables(run: dict[str, Any]) -> list[RenderableType]:
     ledger = run["ledger"]
     state = "intact" if ledger["intact"] else f"FAILS ITS CHECK ({len(ledger['problems'])} problems)"
@@ -56,15 +91,25 @@ def _run_renderables(run: dict[str, Any]) -> list[RenderableType]:
     how = [[e["figure"], e["how"], ", ".join(e["stages"])] for e in run["provenance"]]
     header = Text(f"\nrun {run['name']}  {run['path']}  ledger {ledger['records']} records, ", style="bold")
     header.append(state, style=None if ledger["intact"] else "red")
+    headline = Table.grid(padding=(0, 2))
+    headline.add_column(style="bold", no_wrap=True)
+    headline.add_column()
+    for label, text in headline_lines(run):
+        headline.add_row(Text(label), Text(text))
+    stages = _Records(
+        [
+            ("stages: the work", [STAGE_HEADERS[i] for i in WORK_COLUMNS], _columns(cells, WORK_COLUMNS)),
+            ("stages: energy and carbon", [STAGE_HEADERS[i] for i in ENERGY_COLUMNS], _columns(cells, ENERGY_COLUMNS)),
+        ],
+        "stages",
+    )
+    totals_title = "totals (kWh without PUE per part; CO2eq from the energy with PUE)"
+    totals = _Records([(totals_title, TOTAL_HEADERS, totals_rows(run))], totals_title, key=0)
     return [
         header,
-        _rich_table("stages: the work", [STAGE_HEADERS[i] for i in WORK_COLUMNS], _columns(cells, WORK_COLUMNS)),
-        _rich_table(
-            "stages: energy and carbon", [STAGE_HEADERS[i] for i in ENERGY_COLUMNS], _columns(cells, ENERGY_COLUMNS)
-        ),
-        _rich_table(
-            "totals (kWh without PUE per part; CO2eq from the energy with PUE)", TOTAL_HEADERS, totals_rows(run)
-        ),
+        headline,
+        stages,
+        totals,
         _rich_table("how each figure was obtained", ("figure", "how", "stages"), how, highlight="not measured"),
         Text("caveats:\n" + "\n".join(f"  - {note}" for note in run["caveats"])),
     ]
@@ -73,11 +118,8 @@ def _run_renderables(run: dict[str, Any]) -> list[RenderableType]:
 def _comparison_renderables(report: dict[str, Any]) -> list[RenderableType]:
     if not report["comparisons"]:
         return []
-    table = _rich_table(
-        "grid-tuned vs stochastic τ (" + report["comparisons"][0]["basis"] + ")",
-        COMPARISON_HEADERS,
-        [comparison_cells(c) for c in report["comparisons"]],
-    )
+    title = "grid-tuned vs stochastic τ (" + report["comparisons"][0]["basis"] + ")"
+    table = _Records([(title, COMPARISON_HEADERS, [comparison_cells(c) for c in report["comparisons"]])], title, 0)
     notes = [
         f"  - {c['grid']['run']} vs {c['stochastic']['run']}: {note}"
         for c in report["comparisons"]
@@ -92,9 +134,8 @@ def render_table(report: dict[str, Any]) -> RenderableType:
         Text(f"dfkd carbon report ({report['schema']}, {report['generated_utc']})", style="bold")
     ]
     if len(report["runs"]) > 1:
-        parts.append(
-            _rich_table("runs side by side", OVERVIEW_HEADERS, [overview_cells(run) for run in report["runs"]])
-        )
+        overview = [overview_cells(run) for run in report["runs"]]
+        parts.append(_Records([("runs side by side", OVERVIEW_HEADERS, overview)], "runs side by side", key=0))
     for run in report["runs"]:
         parts += _run_renderables(run)
     return Group(*parts, *_comparison_renderables(report))
@@ -118,6 +159,7 @@ def _run_markdown(run: dict[str, Any]) -> list[str]:
     )
     return [
         f"## Run `{run['name']}`",
+        "\n".join(f"- **{label}:** {text}" for label, text in headline_lines(run)),
         f"Path `{run['path']}`; ledger `{ledger['file']}` with {ledger['records']} records, "
         f"{'intact' if ledger['intact'] else '**FAILS ITS CHECK**'}, sha256 `{ledger['sha256']}`, "
         f"last record `{ledger['head_record_sha256']}`; manifest sha256 `{manifest['sha256']}`; "

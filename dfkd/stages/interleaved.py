@@ -74,6 +74,7 @@ from dfkd.stages.synthesis import (
     prepare_synthesis,
     quality_figures,
     synthesis_step_flops,
+    teacher_ref,
     write_batch,
     write_preview,
 )
@@ -233,7 +234,6 @@ def _rounds_done(run: RunDir, prepared: PreparedInterleaved) -> tuple[int, int]:
 def _record_sections(run: RunDir, prepared: PreparedInterleaved) -> None:
     recipe, synthesis = prepared.recipe, prepared.synthesis
     meta = synthesis.teacher_meta
-    teacher = {"path": recipe.synthesis.teacher, "sha256": synthesis.teacher_sha256, "arch": meta.arch}
     distill = {k: v for k, v in config_dict(recipe.distill).items() if k != "epochs"}
     run.update_manifest(
         stages={
@@ -241,7 +241,7 @@ def _record_sections(run: RunDir, prepared: PreparedInterleaved) -> None:
                 "config": config_dict(recipe.synthesis),
                 "method_config": config_dict(synthesis.method_config),
                 "config_hash": prepared.set_hash,
-                "teacher": teacher,
+                "teacher": teacher_ref(synthesis),
                 "targets": TARGETS_NOTE,
                 "device": str(synthesis.device),
                 "mode": STAGE,

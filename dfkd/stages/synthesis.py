@@ -27,7 +27,7 @@ from dfkd.config.synthesis import SynthesisConfig
 from dfkd.device import free_memory_bytes, resolve_device
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, sha256_file
-from dfkd.manifest import synthesis_of
+from dfkd.manifest import TeacherRef, synthesis_of
 from dfkd.progress import make_progress
 from dfkd.rundir import RunDir
 from dfkd.stages.evaluate import predict_logits
@@ -104,6 +104,18 @@ def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) ->
             f"lower the {config.method} setting that sets its size"
         )
     return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), device)
+
+
+def teacher_ref(prepared: PreparedSynthesis) -> TeacherRef:
+    """The teacher as the manifest records it: file, hash, architecture, classes and its own test accuracy."""
+    meta = prepared.teacher_meta
+    return {
+        "path": prepared.config.teacher,
+        "sha256": prepared.teacher_sha256,
+        "arch": meta.arch,
+        "num_classes": meta.num_classes,
+        "test_acc": meta.test_acc,
+    }
 
 
 def batch_targets(batch_index: int, batch_size: int, count: int, num_classes: int) -> torch.Tensor:
@@ -296,7 +308,7 @@ def synthesize_stage(
                 "config": config_dict(config),
                 "method_config": config_dict(prepared.method_config),
                 "config_hash": prepared.config_hash,
-                "teacher": {"path": config.teacher, "sha256": prepared.teacher_sha256, "arch": meta.arch},
+                "teacher": teacher_ref(prepared),
                 "targets": TARGETS_NOTE,
                 "device": str(device),
             }

@@ -201,6 +201,33 @@ def test_markdown_and_table_show_every_stage_and_figure(report: dict[str, Any]) 
     assert f"{report['comparisons'][0]['energy_ratio']:.2f}x" in markdown and "Grid-tuned vs stochastic" in markdown
 
 
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_the_terminal_report_never_splits_a_figure_and_leads_with_a_headline(
+    report: dict[str, Any], width: int
+) -> None:
+    """Issue 12: at any width every figure's cell appears whole (no number or word broken across lines), and
+    the headline (student figure with its meaning, energy, CO2eq, split, time, ledger) comes before the tables."""
+    from dfkd.report.format import comparison_cells, headline_lines, overview_cells, stage_cells, totals_rows
+
+    text = render(report, "table", width=width)
+    words = set(text.split())
+    tables = [overview_cells(entry) for entry in report["runs"]] + [comparison_cells(c) for c in report["comparisons"]]
+    for cell in (cell for row in tables for cell in row):
+        assert all(word in words or word.strip("();,:") in words for word in cell.split()), (width, cell)
+    for entry in report["runs"]:
+        cells = [cell for row in entry["rows"] for cell in stage_cells(row)] + [
+            cell for row in totals_rows(entry) for cell in row
+        ]
+        for cell in cells:
+            missing = [word for word in cell.split() if word not in words and word.strip("()") not in words]
+            assert not missing, (width, cell, missing)
+        start = text.index(f"run {entry['name']} ")
+        first_table = text.index("stages", start)
+        for label, _ in headline_lines(entry):
+            assert start < text.index(label, start) < first_table
+        assert all(len(line) <= width for line in text.splitlines())
+
+
 def test_interrupted_and_unmetered_attempts_are_shown_and_counted(runs: dict[str, Path]) -> None:
     entry = build_report([runs["interrupted"]])["runs"][0]
     crashed, killed = entry["rows"][-2:]
