@@ -160,11 +160,11 @@ def teacher_train(
     data: Path = typer.Option(..., "--data", help="CIFAR python folder or ImageFolder root with train/ and test/."),
     out_path: Path = typer.Option(..., "--out", help="Where to write the .safetensors checkpoint."),
     arch: str = typer.Option("wrn40_2", "--arch", help="Model architecture (see `dfkd models`)."),
-    epochs: int = typer.Option(200, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    epochs: int = typer.Option(200, "--epochs", help="Training epochs (200 is the paper's: a GPU job)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Training batch."),
     lr: float = typer.Option(0.1, "--lr", help="Learning rate at batch 128, scaled linearly with --batch-size."),
-    warmup_epochs: int = typer.Option(0, "--warmup-epochs"),
-    seed: int = typer.Option(0, "--seed"),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs", help="Epochs of linear lr warm-up before the cosine."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order and augmentation."),
     eval_every: int = typer.Option(10, "--eval-every", help="Report test accuracy every N epochs."),
     train_subset: int = typer.Option(
         0, "--train-subset", help="Train on a class-balanced slice of N images (0 = all)."
@@ -295,8 +295,8 @@ def checkpoint_import(
     src: Path = typer.Argument(..., help="A .pth file: a bare state dict or {'state_dict': ...}."),
     dst: Path = typer.Argument(..., help="The .safetensors file to write."),
     arch: str = typer.Option(..., "--arch", help="Architecture the weights belong to."),
-    num_classes: int = typer.Option(10, "--num-classes"),
-    dataset: str = typer.Option("cifar10", "--dataset"),
+    num_classes: int = typer.Option(10, "--num-classes", help="Classes the weights predict."),
+    dataset: str = typer.Option("cifar10", "--dataset", help="Name of the data the weights were trained on."),
     mean: str = typer.Option(",".join(map(str, CIFAR10_MEAN)), "--mean", help="Input normalisation mean, 3 values."),
     std: str = typer.Option(",".join(map(str, CIFAR10_STD)), "--std", help="Input normalisation std, 3 values."),
     test_acc: float | None = typer.Option(None, "--test-acc", help="Known test accuracy in %, recorded in metadata."),
@@ -338,7 +338,7 @@ def synthesize_command(
     iterations: int | None = typer.Option(
         None, "--iterations", help="Optimisation steps per batch (default: the method's published setting)."
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed: batch b is seeded with (seed, b), so a resume is exact."),
     run: Path | None = typer.Option(None, "--run", help="Run dir (default: runs/<method>-<time>)."),
     settings: list[str] | None = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
     overwrite: bool = typer.Option(
@@ -399,10 +399,10 @@ def distill_command(
     ),
     loss: Literal["hkd", "cmc", "dml"] = typer.Option("hkd", "--loss", help="The KD loss (see README)."),
     alpha: float = typer.Option(0.95, "--alpha", help="Weight of the KD term in hkd."),
-    epochs: int = typer.Option(200, "--epochs"),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    epochs: int = typer.Option(200, "--epochs", help="Distillation epochs (200 is the paper's: a GPU job)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Distillation batch."),
     lr: float = typer.Option(0.1, "--lr", help="Learning rate at batch 256, scaled linearly with --batch-size."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order, augmentation and tau."),
     data: Path | None = typer.Option(
         None, "--data", help="Train on this real data's training split instead (the data-driven KD baseline)."
     ),

@@ -478,3 +478,22 @@ def test_evaluate_shows_a_progress_bar(tmp_path: Path, tiny_teacher: Path) -> No
     result = CliRunner().invoke(app, ["evaluate", str(tiny_teacher), "--data", str(data), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "evaluate on 20 test images" in result.stderr and "20/20" in result.stderr
+
+
+def test_every_option_says_what_it_does() -> None:
+    import click
+    import typer.main
+
+    def commands(group: click.Command, path: str) -> list[tuple[str, click.Command]]:
+        found = [(path, group)]
+        for name, sub in getattr(group, "commands", {}).items():
+            found += commands(sub, f"{path} {name}")
+        return found
+
+    silent = [
+        f"{path} {param.opts[0]}"
+        for path, command in commands(typer.main.get_command(app), "dfkd")
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert not silent, silent
