@@ -644,7 +644,9 @@ def main() -> None:
         code = command.main(prog_name="dfkd", standalone_mode=False)
     except usage_errors as exc:
         message = str(getattr(exc, "format_message", lambda: "")())
-        if message:  # empty when the help was asked for by giving no arguments: it is already printed
+        if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: no arguments, so the help, on stdout
+            typer.echo(message)
+        elif message:
             context = getattr(exc, "ctx", None)
             where = f" (see `{context.command_path} --help`)" if context is not None else ""
             err.print(Text.assemble(("error:", "red"), " ", message + where), highlight=False, soft_wrap=True)
