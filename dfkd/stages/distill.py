@@ -333,6 +333,22 @@ def student_figures(
     return figures
 
 
+def student_checkpoint_meta(
+    arch: str, teacher: CheckpointMeta, test_acc: float | None, extra: dict[str, str]
+) -> CheckpointMeta:
+    """A student's checkpoint metadata: its architecture, the teacher's classes, normalisation and input size."""
+    return CheckpointMeta(
+        arch=arch,
+        num_classes=teacher.num_classes,
+        mean=teacher.mean,
+        std=teacher.std,
+        dataset=teacher.dataset,
+        input_size=teacher.input_size,
+        test_acc=test_acc,
+        extra=extra,
+    )
+
+
 def kd_batch_loss(
     config: DistillConfig,
     teacher: torch.nn.Module,
@@ -446,15 +462,11 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     figures = _evaluation_figures(prepared, student, with_test=True)
     if "test_acc" in figures:
         figures["test_data"] = resolved_data(config.eval_data)
-    student_meta = CheckpointMeta(
-        arch=config.student,
-        num_classes=meta.num_classes,
-        mean=meta.mean,
-        std=meta.std,
-        dataset=meta.dataset,
-        input_size=meta.input_size,
-        test_acc=figures.get("test_acc"),
-        extra={
+    student_meta = student_checkpoint_meta(
+        config.student,
+        meta,
+        figures.get("test_acc"),
+        {
             "tau_mode": config.tau_spec.mode,
             "tau": trial.removeprefix("tau="),
             "tau_per": config.tau_per,

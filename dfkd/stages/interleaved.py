@@ -59,6 +59,7 @@ from dfkd.stages.distill import (
     resolved_data,
     resume_state,
     save_resume,
+    student_checkpoint_meta,
     student_figures,
     trial_dir,
 )
@@ -476,15 +477,11 @@ def _save_student(
 ) -> Path:
     recipe, meta = prepared.recipe, prepared.synthesis.teacher_meta
     distill = recipe.distill
-    student_meta = CheckpointMeta(
-        arch=distill.student,
-        num_classes=meta.num_classes,
-        mean=meta.mean,
-        std=meta.std,
-        dataset=meta.dataset,
-        input_size=meta.input_size,
-        test_acc=figures.get("test_acc"),
-        extra={
+    student_meta = student_checkpoint_meta(
+        distill.student,
+        meta,
+        figures.get("test_acc"),
+        {
             "mode": STAGE,
             "method": recipe.synthesis.method,
             "tau_mode": distill.tau_spec.mode,
