@@ -512,17 +512,19 @@ def audit_command(
     as_json: bool = JSON,
 ) -> None:
     """Re-hash every artifact, check the ledger's hash chain and the totals; exit 1 on any mismatch."""
-    from dfkd.report.audit import audit_run
+    from dfkd.report.audit import audit_run, audit_scope
     from dfkd.report.build import load_report
 
     problems = audit_run(run, load_report(report_file) if report_file else None)
+    checked = audit_scope(run, report_file is not None)
     if as_json:
-        print_json({"run": str(run), "ok": not problems, "problems": problems})
+        print_json({"run": str(run), "ok": not problems, "problems": problems, "checked": checked})
     else:
         for problem in problems:
             out.print(problem, markup=False, highlight=False)
-        if not problems:
-            out.print("OK", highlight=False)
+        out.print(f"{'OK' if not problems else f'{len(problems)} problems'}; checked:", highlight=False)
+        for line in checked:
+            out.print(f"  - {line}", markup=False, highlight=False, soft_wrap=False)
     raise typer.Exit(1 if problems else 0)
 
 

@@ -323,3 +323,27 @@ def audit_run(run: Path, report: dict[str, Any] | None = None) -> list[str]:
     problems += _pending_problems(run)
     problems += _link_problems(run)
     return problems + _totals_problems(run, records, report)
+
+
+def audit_scope(run: Path, with_report: bool) -> list[str]:
+    """What `audit_run` checks on this run, counted, so that an OK says what it vouches for."""
+    run = Path(run)
+    manifest = load_manifest(run / MANIFEST_FILE) or {}
+    artifacts = manifest.get("artifacts", {})
+    records = [record for _, record in _records(run / LEDGER_FILE)] if (run / LEDGER_FILE).exists() else []
+    shards = sum(1 for entry in artifacts.values() if isinstance(entry, dict) and entry.get("role") == "shard")
+    phased = sum(1 for record in records if record.get("phases"))
+    scope = [
+        f"{len(artifacts)} artifacts re-hashed against manifest.json (and no unlisted shards or symbolic links)",
+        f"{len(records)} ledger records: hash chain, the head pinned in manifest.json, each record's energy parts, "
+        "PUE and CO2eq arithmetic",
+        f"{shards} shards' metadata (method, config hash, teacher, index, count) against the manifest",
+        "the manifest's recorded results against the ledger records that produced them",
+        "totals, the generation/compression split and the interrupted sums re-derived from the records",
+        "no meter snapshot left unrecorded",
+    ]
+    if phased:
+        scope.insert(2, f"{phased} records metered in phases: phases sum to the record (energy, time, FLOPs)")
+    if with_report:
+        scope.append("the saved report's ledger, rows, totals, phases, interrupted and artifacts against the run")
+    return scope

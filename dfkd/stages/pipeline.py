@@ -96,7 +96,20 @@ def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[s
         synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
         distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)
         distillation = _with_evaluation(recipe, run, distillation, prepared.device)
-    return {"run": str(run.root), "synthesis": synthesis, "synthesis_work": work, "distillation": distillation}
+    return {
+        "run": str(run.root),
+        "synthesis": synthesis,
+        "synthesis_work": work,
+        "distillation": distillation,
+        "carbon": carbon_summary(run.root),
+    }
+
+
+def carbon_summary(root: Path) -> dict[str, Any]:
+    """The run's energy with PUE, CO2eq and generation share, as its report's headline states them."""
+    head = build_report([root])["runs"][0]["headline"]
+    keys = ("energy_kwh_with_pue", "co2eq_g", "generation_share", "duration_s", "fully_metered", "ledger_intact")
+    return {key: head[key] for key in keys}
 
 
 def _with_evaluation(recipe: Recipe, run: RunDir, result: dict[str, Any], device: Any) -> dict[str, Any]:

@@ -49,7 +49,14 @@ def test_report_of_a_missing_run_is_a_one_line_error(tmp_path: Path) -> None:
 
 def test_audit_ok_then_exit_1_naming_a_flipped_shard(run: Path, tmp_path: Path) -> None:
     ok = runner.invoke(app, ["audit", str(run)])
-    assert ok.exit_code == 0 and ok.stdout.strip() == "OK"
+    assert ok.exit_code == 0 and ok.stdout.startswith("OK; checked:")
+    manifest = json.loads((run / "manifest.json").read_text())
+    records = len((run / "carbon.jsonl").read_text().splitlines())
+    # The OK says what it vouches for, counted (issue 12: "list what it checked").
+    assert f"{len(manifest['artifacts'])} artifacts re-hashed" in ok.stdout
+    assert f"{records} ledger records: hash chain" in ok.stdout
+    checked = json.loads(runner.invoke(app, ["audit", str(run), "--json"]).stdout)["checked"]
+    assert any("shards' metadata" in line for line in checked)
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     shard = copy / "synthetic" / "shard-00000.safetensors"

@@ -32,6 +32,9 @@ def test_quickstart_runs_every_stage_metered_resumes_and_audits(tmp_path: Path, 
     run = tmp_path / "run"
     summary = invoke("run", QUICKSTART, "--run", str(run), *tiny_recipe_sets)
     assert summary["synthesis"]["quality"]["images"] == 48 and summary["synthesis"]["shards"] == 12
+    # Issue 12: `dfkd run --json` carries the run's energy and CO2eq (the report's headline figures).
+    carbon = summary["carbon"]
+    assert carbon["energy_kwh_with_pue"] > 0 and carbon["co2eq_g"] > 0 and carbon["ledger_intact"]
     # Seeded golden value: the tiny student matches the tiny teacher on every held-out image.
     assert summary["distillation"]["holdout_agreement"] == pytest.approx(100.0)
     assert [(r["stage"], r["status"]) for r in read_ledger(run / "carbon.jsonl")] == [
