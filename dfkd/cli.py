@@ -548,7 +548,7 @@ def run_command(
     settings: list[str] | None = RECIPE_SETS,
     as_json: bool = JSON,
 ) -> None:
-    """Run a recipe: synthesize, distil and evaluate in one run dir, each stage metered; then the carbon report."""
+    """Run a recipe: synthesize, distill and evaluate in one run dir, each stage metered; then the carbon report."""
     from dfkd.config.recipe import load_recipe
     from dfkd.stages.pipeline import run_recipe
 

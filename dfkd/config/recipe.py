@@ -329,7 +329,7 @@ def _check_interleaved(recipe: Recipe, merged: dict[str, Any]) -> None:
         )
     if recipe.rounds <= recipe.interleave.warmup_rounds:
         raise DfkdError(
-            f"interleave.warmup_rounds = {recipe.interleave.warmup_rounds} leaves no round to distil in "
+            f"interleave.warmup_rounds = {recipe.interleave.warmup_rounds} leaves no round to distill in "
             f"({recipe.synthesis.num_images} images in batches of {recipe.synthesis.batch_size} make "
             f"{recipe.rounds} rounds): lower warmup_rounds or make more images"
         )

@@ -122,7 +122,7 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
         if int(shards["targets"].max()) >= meta.num_classes:
             raise DfkdError(
                 f"the synthetic set has classes up to {int(shards['targets'].max())} but teacher {teacher_path} has "
-                f"{meta.num_classes}: distil from the teacher that made the set"
+                f"{meta.num_classes}: distill from the teacher that made the set"
             )
         source = ImageSet(
             shards["images"],
@@ -221,7 +221,7 @@ def resume_state(run: RunDir, folder: Path) -> Path | None:
     if not run.artifact_intact(path):
         raise DfkdError(
             f"{run.relative(path)} is missing or does not match its manifest hash (damaged since it was saved): "
-            f"restore the file, or distil again from the start with `dfkd distill --run {run.root} --overwrite`"
+            f"restore the file, or distill again from the start with `dfkd distill --run {run.root} --overwrite`"
         )
     return path
 
@@ -455,7 +455,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         std=meta.std,
         generator=generator,
         after_epoch=after_epoch,
-        description=f"distil {config.student} {trial}",
+        description=f"distill {config.student} {trial}",
         show_progress=show_progress,
         batch_info=last_tau,
     )

@@ -230,7 +230,7 @@ def test_kill_9_mid_round_then_the_rerun_ends_with_the_uninterrupted_student(
     [
         ("interleave.kd_steps=0", "kd_steps must be at least 1"),
         ("synthesize.iterations=0", "iterations must be at least 1"),
-        ("interleave.warmup_rounds=6", "leaves no round to distil in"),
+        ("interleave.warmup_rounds=6", "leaves no round to distill in"),
         ("distill.tau=grid", "tau = grid does not run interleaved"),
         ("distill.epochs=3", "distill.epochs does not apply to the interleaved mode"),
         ("run.mode=sequential", "mode must be one of two-stage, interleaved"),
