@@ -53,9 +53,9 @@ def check_same_recipe(run: RunDir, recipe: Recipe) -> None:
             for section in sections
             for key in dict.fromkeys([*_keys(resolved.get(section)), *_keys(existing.get(section))])
             if (resolved.get(section) or {}).get(key) != (existing.get(section) or {}).get(key)
-        ) or ["name"]
+        )
         if resolved["name"] != existing.get("name"):
-            changed = ["name", *changed]
+            changed.insert(0, "name")
         changed = [key for key in changed if not key.startswith(STEP_KEYS)]
         if not changed:
             return

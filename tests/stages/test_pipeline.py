@@ -121,6 +121,12 @@ def test_a_finished_run_gains_an_evaluation_without_redoing_its_stages(
     assert again["distillation"]["test_acc"] == extended["distillation"]["test_acc"]
     assert len(read_ledger(run / "carbon.jsonl")) == 3
 
+    # Another recipe (here: the same settings under another name) is still refused, naming what differs once.
+    renamed = tmp_path / "renamed.toml"
+    renamed.write_text(Path(QUICKSTART).read_text())
+    result = CliRunner().invoke(app, ["run", str(renamed), "--run", str(run), *tiny_recipe_sets])
+    assert result.exit_code == 2 and "(name differ)" in result.stderr
+
 
 def test_a_batch_larger_than_the_set_is_refused_before_any_work(tmp_path: Path, tiny_recipe_sets: list[str]) -> None:
     result = CliRunner().invoke(
