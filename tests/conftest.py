@@ -69,6 +69,19 @@ def save_tiny_teacher(path: Path, num_classes: int = 10) -> Path:
     return path
 
 
+def cli_fails(*args: str) -> str:
+    """Run the CLI quietly (--json: no progress bars on stderr) expecting one `error:` line and exit 2."""
+    from typer.testing import CliRunner
+
+    from dfkd.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message and "Traceback" not in result.output, message
+    return message
+
+
 def image_folder(root: Path, classes: int, per_class: int = 2) -> Path:
     """A tiny ImageFolder with train/ and test/ splits of 32x32 solid-colour images, one folder per class."""
     from PIL import Image

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import cli_fails as fails
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -60,15 +61,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def overrides(sets: list[str]) -> list[str]:
     return sets[1::2]
-
-
-def fails(*args: str) -> str:
-    """Run the CLI quietly (--json: no progress bars on stderr) expecting one `error:` line and exit 2."""
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 2, (result.output, result.exception)
-    message = result.stderr.strip()
-    assert message.startswith("error:") and "\n" not in message and "Traceback" not in result.output, message
-    return message
 
 
 def pending_starts(run: Path, stage: str) -> set[str]:

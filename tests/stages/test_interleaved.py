@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import cli_fails as fails
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -63,14 +64,6 @@ def invoke(*args: str) -> dict[str, Any]:
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, (result.output, result.exception)
     return json.loads(result.stdout)
-
-
-def fails(*args: str) -> str:
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 2, (result.output, result.exception)
-    message = result.stderr.strip()
-    assert message.startswith("error:") and "\n" not in message and "Traceback" not in result.output, message
-    return message
 
 
 def same_tensors(a: Path, b: Path) -> bool:
