@@ -38,7 +38,7 @@ from rich.table import Table
 from dfkd.carbon.ledger import read_ledger
 from dfkd.checkpoints import load_checkpoint
 from dfkd.data import load_split, stratified_subset
-from dfkd.device import prepare_model, resolve_device
+from dfkd.device import default_precision, prepare_model, resolve_device
 from dfkd.report.build import build_report
 from dfkd.stages.evaluate import evaluate_on
 
@@ -188,7 +188,9 @@ def test_accuracy(checkpoint: Path, args: argparse.Namespace) -> float:
     model, meta = load_checkpoint(checkpoint)
     device = resolve_device(args.device)
     test = test_slice(args, PRESETS[args.scale].test_images)
-    return float(evaluate_on(prepare_model(model, device), test, meta.mean, meta.std, device)["accuracy"])
+    precision = default_precision(device)  # as `dfkd evaluate` scores a checkpoint
+    model = prepare_model(model, device, precision)
+    return float(evaluate_on(model, test, meta.mean, meta.std, device, precision=precision)["accuracy"])
 
 
 def main(argv: list[str] | None = None) -> None:

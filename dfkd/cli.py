@@ -588,22 +588,38 @@ def validate_command(
     ),
     as_json: bool = JSON,
 ) -> None:
-    """Check recipes' structure and values without running them; exit 2 on the first invalid one.
+    """Check recipes without running them: structure, values, and that every file they name exists
+    (relative paths resolve from the recipe's folder); exit 2 on the first that fails.
 
-    A teacher file that does not exist yet is noted, not an error: some teachers are the user's to provide.
+    Without arguments it checks the shipped recipes, and a file missing there is noted, not an error:
+    some teachers are the user's to provide.
     """
-    from dfkd.config.recipe import load_recipe, recipe_paths
+    from dfkd.config.recipe import load_recipe, missing_files, recipe_paths
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in recipe_files or recipe_paths():
         recipe = load_recipe(path)
-        missing = not Path(recipe.teacher.checkpoint).is_file()
-        rows.append({"recipe": str(path), "ok": True, "teacher_missing": missing, "teacher": recipe.teacher.checkpoint})
+        missing = missing_files(recipe)
+        if missing and recipe_files:
+            raise DfkdError(
+                f"{path}: {'; '.join(m + ' does not exist' for m in missing)}: provide it, or point the key at it "
+                "(relative paths resolve from the recipe's folder; --set ones from the current directory)"
+            )
+        teacher_missing = any(m.startswith("teacher.") for m in missing)
+        rows.append(
+            {
+                "recipe": str(path),
+                "ok": True,
+                "teacher_missing": teacher_missing,
+                "teacher": recipe.teacher.checkpoint,
+                "missing": missing,
+            }
+        )
     if as_json:
         print_json(rows)
         return
     for row in rows:
-        note = f" (teacher {row['teacher']} not found: provide it before `dfkd run`)" if row["teacher_missing"] else ""
+        note = f" ({'; '.join(row['missing'])} not found: provide it before `dfkd run`)" if row["missing"] else ""
         out.print(f"OK {row['recipe']}{note}", highlight=False, markup=False, soft_wrap=True)
 
 

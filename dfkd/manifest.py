@@ -54,6 +54,7 @@ class SynthesisSection(TypedDict, total=False):
     teacher: TeacherRef
     targets: str
     device: str
+    precision: str  # "bf16" or "fp32", what the stage computes in (absent in runs made before it was recorded)
     quality: dict[str, Any]
     shards: int
     images: int
@@ -73,6 +74,7 @@ class DistillationSection(TypedDict, total=False):
     holdout_images: int
     source: str
     selection: str
+    precision: str  # "bf16" or "fp32" (absent in runs made before it was recorded)
     trials: dict[str, dict[str, Any]]
     result: dict[str, Any]
     finished_utc: str

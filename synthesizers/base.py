@@ -27,6 +27,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
+from dfkd.device import Precision, autocast, default_precision, uses_channels_last
 from synthesizers.bn_stats import BatchNormStatistics
 from synthesizers.configs import MethodConfig
 
@@ -52,8 +53,9 @@ class Synthesizer(ABC):
 
     The synthesizer works on its own frozen copy of `teacher` (eval mode, no parameter gradients,
     hooks on its BN layers), so the caller's model is left as it was. The copy sees normalised inputs
-    (x − mean) / std; on CUDA it runs channels_last, under bf16 autocast when `config.amp`, and
-    compiled when `config.compile`.
+    (x − mean) / std. It computes in `precision`: by default bf16 autocast when `config.amp` and the
+    device computes bf16 natively (CUDA; CPUs with AMX or AVX512-BF16; see `default_precision`);
+    channels_last on CUDA and under bf16; compiled when `config.compile` on CUDA.
     """
 
     name: ClassVar[str]
@@ -69,6 +71,7 @@ class Synthesizer(ABC):
         std: tuple[float, ...],
         num_classes: int,
         image_size: int = 32,
+        precision: Precision | None = None,
     ) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
@@ -83,7 +86,11 @@ class Synthesizer(ABC):
         self.num_classes = num_classes
         self.image_size = image_size
         self.on_cuda = self.device.type == "cuda"
-        self.memory_format = torch.channels_last if self.on_cuda else torch.contiguous_format
+        if precision is None:
+            precision = default_precision(self.device) if config.amp else "fp32"
+        self.precision: Precision = precision
+        channels_last = uses_channels_last(self.device, precision)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         frozen = copy.deepcopy(teacher).to(self.device).to(memory_format=self.memory_format).eval()
         frozen.requires_grad_(False)
         # A config with a `bn_momentum` (Fast-DFKD) matches a moving average of the batches' statistics.
@@ -95,8 +102,8 @@ class Synthesizer(ABC):
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def autocast(self) -> AbstractContextManager[None]:
-        """bf16 autocast on CUDA when the config asks for it; a no-op elsewhere."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.amp and self.on_cuda)
+        """bf16 autocast when the synthesizer computes in bf16; a no-op in fp32."""
+        return autocast(self.device, self.precision)
 
     def teacher_logits(self, images: Tensor, stat_rows: int | None = None) -> Tensor:
         """Teacher logits of [0, 1] images; the hooks record R_BN (over `stat_rows` rows) meanwhile."""

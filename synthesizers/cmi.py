@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dfkd.device import Precision
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors
 from synthesizers.base import (
     Progress,
@@ -90,8 +91,9 @@ class CMI(Synthesizer):
         std: tuple[float, ...],
         num_classes: int,
         image_size: int = 32,
+        precision: Precision | None = None,
     ) -> None:
-        super().__init__(teacher, config, device, mean, std, num_classes, image_size)
+        super().__init__(teacher, config, device, mean, std, num_classes, image_size, precision)
         check_image_size(image_size)
         dim = self.statistics.feature_dim
         self.head = nn.Sequential(

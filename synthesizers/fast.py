@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dfkd.device import Precision
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors
 from synthesizers.base import (
     Progress,
@@ -61,8 +62,9 @@ class Fast(Synthesizer):
         std: tuple[float, ...],
         num_classes: int,
         image_size: int = 32,
+        precision: Precision | None = None,
     ) -> None:
-        super().__init__(teacher, config, device, mean, std, num_classes, image_size)
+        super().__init__(teacher, config, device, mean, std, num_classes, image_size, precision)
         check_image_size(image_size)
         self.generator = Generator(config.nz, config.ngf, image_size).to(self.device)
         self.generator = self.generator.to(memory_format=self.memory_format)
@@ -139,7 +141,10 @@ class Fast(Synthesizer):
             "image_size": self.image_size,
             "bn_layers": len(self.statistics.averages),
         }
-        return {"tensors": {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, "scalars": scalars}
+        return {
+            "tensors": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
+            "scalars": scalars,
+        }
 
     def load_state_dict(self, state: SynthesizerState) -> None:
         self.check_method(state)

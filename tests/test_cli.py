@@ -155,7 +155,10 @@ def test_teacher_train_records_the_size_and_statistics_of_its_data(tmp_path: Pat
     assert teacher["mean"] == list(meta.mean), "trained with exactly the figures the checkpoint records"
 
 
-def test_teacher_train_writes_checkpoint_ledger_and_manifest(tmp_path: Path, cifar_jpeg_root: Path) -> None:
+def test_teacher_train_writes_checkpoint_ledger_and_manifest(
+    tmp_path: Path, cifar_jpeg_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DFKD_PRECISION", "fp32")  # the golden value below is fp32's, on any CPU
     out, run = tmp_path / "ckpt" / "tiny.safetensors", tmp_path / "run"
     result = invoke(
         "teacher",
@@ -181,7 +184,7 @@ def test_teacher_train_writes_checkpoint_ledger_and_manifest(tmp_path: Path, cif
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["checkpoint"] == str(out) and summary["run"] == str(run)
-    # Seeded golden value (CPU, torch 2.14.1): one epoch on 500 images leaves the tiny model at chance.
+    # Seeded golden value (CPU, fp32, torch 2.14.1): one epoch on 500 images leaves the tiny model at chance.
     assert summary["test_acc"] == pytest.approx(10.48)
 
     digest = sha256_file(out)

@@ -69,10 +69,16 @@ class DistillConfig:
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 256
 
-    def identity(self, source: str) -> str:
+    def identity(self, source: str, teacher_path: str | None = None) -> str:
         """Hash of what changes the trained weights (settings and the `source` images/teacher, not where
-        they are evaluated), to refuse resuming a student on other data or settings."""
-        fields = {
-            k: v for k, v in config_dict(self).items() if k not in ("eval_data", "eval_every", "device", "compile")
-        }
+        they are evaluated), to refuse resuming a student on other data or settings.
+
+        The teacher enters through `source` (its sha256), not its path, so a teacher named by another path
+        trains the same student. Runs recorded before hashed the path as given: `teacher_path` recomputes
+        their identity.
+        """
+        ignored = ("eval_data", "eval_every", "device", "compile", *(("teacher",) if teacher_path is None else ()))
+        fields = {k: v for k, v in config_dict(self).items() if k not in ignored}
+        if teacher_path is not None:
+            fields["teacher"] = teacher_path
         return hashlib.sha256(json.dumps({**fields, "source": source}, sort_keys=True).encode()).hexdigest()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -33,9 +34,8 @@ from synthesizers import list_synthesizers, method_config_class, student_term
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "recipes"
-# The embedded default teacher, as recipes name it (relative to the directory dfkd runs in) and as a path.
-EMBEDDED_TEACHER = "checkpoints/wrn40_2_cifar10.safetensors"
-EMBEDDED_TEACHER_PATH = REPO_ROOT / EMBEDDED_TEACHER
+# The embedded default teacher (a recipe without a [teacher] section distils it).
+EMBEDDED_TEACHER_PATH = REPO_ROOT / "checkpoints" / "wrn40_2_cifar10.safetensors"
 
 
 MODES = ("two-stage", "interleaved")
@@ -57,7 +57,7 @@ class RunSection:
 
 @dataclass(frozen=True)
 class TeacherSection:
-    checkpoint: str = EMBEDDED_TEACHER
+    checkpoint: str = str(EMBEDDED_TEACHER_PATH)
 
     def __post_init__(self) -> None:
         if not self.checkpoint.endswith(".safetensors"):
@@ -217,14 +217,33 @@ def _merge(data: dict[str, Any], overrides: dict[str, dict[str, str]]) -> tuple[
     return merged, from_file
 
 
-def build_recipe(name: str, data: dict[str, Any], overrides: dict[str, dict[str, str]] | None = None) -> Recipe:
-    """Validate parsed TOML (plus `--set` overrides) into a `Recipe`; every problem is a `DfkdError`."""
+# Keys that name a file or folder. A relative one is resolved from the recipe file's folder when the
+# recipe sets it, and from the current directory when `--set` does (where the user typed it).
+PATH_KEYS = (("teacher", "checkpoint"), ("evaluate", "data"), ("distill", "data"), ("distill", "val_data"))
+
+
+def _resolve_paths(merged: dict[str, Any], from_file: dict[str, set[str]], base: Path) -> None:
+    for section, key in PATH_KEYS:
+        value = merged.get(section, {}).get(key)
+        if isinstance(value, str) and value:
+            folder = base if key in from_file.get(section, set()) else Path.cwd()
+            merged[section][key] = os.path.normpath(folder / Path(value).expanduser())
+
+
+def build_recipe(
+    name: str, data: dict[str, Any], overrides: dict[str, dict[str, str]] | None = None, base: Path | None = None
+) -> Recipe:
+    """Validate parsed TOML (plus `--set` overrides) into a `Recipe`; every problem is a `DfkdError`.
+
+    Relative paths of the file resolve from `base` (the recipe's folder; default: the current directory).
+    """
     merged, from_file = _merge(data, overrides or {})
     for section, content in merged.items():
         if section not in _SECTIONS:
             raise DfkdError(f"unknown recipe section {section!r}: valid sections are {', '.join(_SECTIONS)}")
         if not isinstance(content, dict):
             raise DfkdError(f"recipe section {section!r} must be a table of key = value lines")
+    _resolve_paths(merged, from_file, (base or Path.cwd()).resolve())
     run = _section("run", merged.get("run", {}), RunSection(), _keys(RunSection, ()), from_file.get("run", set()))
     teacher = _section(
         "teacher", merged.get("teacher", {}), TeacherSection(), ["checkpoint"], from_file.get("teacher", set())
@@ -347,9 +366,20 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     except tomllib.TOMLDecodeError as exc:
         raise DfkdError(f"recipe {path} is not valid TOML ({exc}): fix that line") from None
     try:
-        return build_recipe(path.stem, data, parse_recipe_overrides(overrides))
+        return build_recipe(path.stem, data, parse_recipe_overrides(overrides), base=path.parent)
     except DfkdError as exc:
         raise DfkdError(f"{path}: {exc}") from None
+
+
+def missing_files(recipe: Recipe) -> list[str]:
+    """`key path` for every file or folder the recipe names that is not there (the teacher a file, data a folder)."""
+    named = {
+        "teacher.checkpoint": (recipe.teacher.checkpoint, Path.is_file),
+        "evaluate.data": (recipe.evaluate.data, Path.is_dir),
+        "distill.data": (recipe.distill.data, Path.is_dir),
+        "distill.val_data": (recipe.distill.val_data, Path.is_dir),
+    }
+    return [f"{key} {value}" for key, (value, exists) in named.items() if value and not exists(Path(value))]
 
 
 def recipe_paths(folder: Path = RECIPES_DIR) -> list[Path]:

@@ -134,13 +134,14 @@ def _synthesis_problems(section: SynthesisSection, records: list[Record], artifa
 def _identity_problems(section: DistillationSection) -> list[str]:
     """The distillation config must still hash to the identity recorded beside it (and in every resume state)."""
     config = dict(section.get("config", {}))
+    source = section.get("identity_source", "")
     try:
-        identity = DistillConfig(**{**config, "tau_range": tuple(config.get("tau_range", ()))}).identity(
-            section.get("identity_source", "")
-        )
+        distill = DistillConfig(**{**config, "tau_range": tuple(config.get("tau_range", ()))})
     except (TypeError, ValueError, DfkdError) as exc:
         return [f"manifest.json stages.distillation.config: not a valid distillation config ({exc})"]
-    if identity != section.get("identity"):
+    # Runs recorded before the identity left the teacher's path out hashed it as given.
+    identities = {distill.identity(source), distill.identity(source, teacher_path=distill.teacher)}
+    if section.get("identity") not in identities:
         return [
             "manifest.json stages.distillation.config: no longer hashes to its recorded identity "
             "(the config or the identity was edited)"

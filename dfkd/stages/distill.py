@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -31,11 +31,19 @@ from dfkd.config.distill import DistillConfig
 from dfkd.config.overrides import config_dict
 from dfkd.config.tau import TauSpec
 from dfkd.data import ImageSet, load_split, stratified_subset
-from dfkd.device import compiled, prepare_model, resolve_device, seed_everything
+from dfkd.device import (
+    Precision,
+    compiled,
+    default_precision,
+    legacy_precision,
+    prepare_model,
+    resolve_device,
+    seed_everything,
+)
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, atomic_write_bytes, sha256_file, utc_now
 from dfkd.losses import get_loss
-from dfkd.manifest import distillation_of, synthesis_of
+from dfkd.manifest import DistillationSection, distillation_of, synthesis_of
 from dfkd.metrics import top1_agreement
 from dfkd.models import create_model
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors, sgd_with_cosine
@@ -72,10 +80,9 @@ class PreparedDistill:
     test_set: ImageSet | None = None
     trials: list[str] = field(default_factory=list)
     source: str = ""
-
-    @property
-    def identity(self) -> str:
-        return self.config.identity(self.source)
+    precision: Precision = "fp32"
+    identity: str = ""
+    identity_teacher_path: str | None = None  # the path a legacy identity hashes (`recorded_identity`)
 
 
 def _split_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -106,9 +113,25 @@ def _resolve_teacher(config: DistillConfig, run: RunDir) -> tuple[Path, str]:
     return path, digest
 
 
-def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
-    """Validate everything and load the data before any training starts."""
+def distillation_precision(run: RunDir, device: torch.device, fresh: bool) -> Precision:
+    """bf16 where the device computes it natively, unless the run's distillation began in another
+    precision: it goes on in that one (a distillation begun before dfkd recorded it, in the legacy one),
+    so a resumed student is the one an uninterrupted run trains. `fresh`: it is about to be discarded."""
+    manifest = run.read_manifest()
+    if not fresh:
+        recorded = distillation_of(manifest).get("precision")
+        if recorded is not None:
+            return cast(Precision, recorded)
+        if any(entry["stage"] == "distillation" for entry in manifest["artifacts"].values()):
+            return legacy_precision(device)
+    return default_precision(device)
+
+
+def prepare_distill(config: DistillConfig, run: RunDir, fresh: bool = False) -> PreparedDistill:
+    """Validate everything and load the data before any training starts (`fresh`: the run's distillation
+    will be discarded first, as `--overwrite` does)."""
     device = resolve_device(config.device)
+    precision = distillation_precision(run, device, fresh)
     get_loss(config.loss)
     spec = config.tau_spec
     teacher_path, teacher_sha = _resolve_teacher(config, run)
@@ -154,14 +177,42 @@ def prepare_distill(config: DistillConfig, run: RunDir) -> PreparedDistill:
     if config.eval_data:
         test_set = load_split(Path(config.eval_data), "test")
         check_classes(test_set, meta.num_classes, teacher_path)
-    teacher = prepare_model(teacher, device).eval()
+    teacher = prepare_model(teacher, device, precision).eval()
     teacher.requires_grad_(False)
-    holdout_logits = predict_logits(teacher, holdout.images, meta.mean, meta.std, device).cpu()
+    holdout_logits = predict_logits(teacher, holdout.images, meta.mean, meta.std, device, precision=precision).cpu()
     data = DistillData(train.to(device), holdout, real_labels, holdout_logits, validation)
     trials = [f"tau={v:g}" for v in spec.grid] if spec.mode == "grid" else [f"tau={config.tau}"]
     # The images and the teacher a student learns from: a new synthetic set or teacher means a new student.
     identity_source = student_source(config, synthesis_of(run.read_manifest()).get("config_hash", ""), teacher_sha)
-    return PreparedDistill(config, teacher, meta, teacher_sha, device, data, test_set, trials, identity_source)
+    identity, hashed_path = recorded_identity(config, identity_source, distillation_of(run.read_manifest()))
+    return PreparedDistill(
+        config,
+        teacher,
+        meta,
+        teacher_sha,
+        device,
+        data,
+        test_set,
+        trials,
+        identity_source,
+        precision,
+        identity,
+        hashed_path,
+    )
+
+
+def recorded_identity(config: DistillConfig, source: str, recorded: DistillationSection) -> tuple[str, str | None]:
+    """The student's identity, and the teacher path it hashes (None: it hashes none).
+
+    A distillation recorded when the identity hashed the teacher's path keeps its recorded identity
+    whenever every other setting and the source match, so such runs still resume.
+    """
+    identity = config.identity(source)
+    old_path = recorded.get("config", {}).get("teacher")
+    if recorded.get("identity") not in (None, identity) and isinstance(old_path, str):
+        if config.identity(source, teacher_path=old_path) == recorded["identity"]:
+            return recorded["identity"], old_path
+    return identity, None
 
 
 def resolved_data(path: str) -> str:
@@ -307,13 +358,23 @@ def _evaluation_figures(prepared: PreparedDistill, student: torch.nn.Module, wit
     data = prepared.data
     test_set = prepared.test_set if with_test else None
     meta, device = prepared.teacher_meta, prepared.device
-    return student_figures(student, meta, device, data.holdout, data.teacher_holdout_logits, data.validation, test_set)
+    return student_figures(
+        student,
+        meta,
+        device,
+        prepared.precision,
+        data.holdout,
+        data.teacher_holdout_logits,
+        data.validation,
+        test_set,
+    )
 
 
 def student_figures(
     student: torch.nn.Module,
     meta: CheckpointMeta,
     device: torch.device,
+    precision: Precision,
     holdout: ImageSet,
     teacher_holdout_logits: torch.Tensor,
     validation: ImageSet | None,
@@ -322,13 +383,16 @@ def student_figures(
     """Agreement with the teacher on held-out synthetic images; validation / test accuracy where that data was given."""
     figures: dict[str, Any] = {
         "holdout_agreement": top1_agreement(
-            predict_logits(student, holdout.images, meta.mean, meta.std, device).cpu(), teacher_holdout_logits
+            predict_logits(student, holdout.images, meta.mean, meta.std, device, precision=precision).cpu(),
+            teacher_holdout_logits,
         )
     }
     if validation is not None:
-        figures["val_acc"] = evaluate_on(student, validation, meta.mean, meta.std, device)["accuracy"]
+        figures["val_acc"] = evaluate_on(student, validation, meta.mean, meta.std, device, precision=precision)[
+            "accuracy"
+        ]
     if test_set is not None:
-        figures["test_metrics"] = evaluate_on(student, test_set, meta.mean, meta.std, device)
+        figures["test_metrics"] = evaluate_on(student, test_set, meta.mean, meta.std, device, precision=precision)
         figures["test_acc"] = figures["test_metrics"]["accuracy"]
     return figures
 
@@ -380,7 +444,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     folder = trial_dir(run, trial)
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
-    student = prepare_model(create_model(config.student, meta.num_classes), device)
+    student = prepare_model(create_model(config.student, meta.num_classes), device, prepared.precision)
     steps_per_epoch = len(data.train) // config.batch_size
     optimizer, scheduler = sgd_with_cosine(
         student, config.scaled_lr, config.epochs * steps_per_epoch, config.weight_decay, nesterov=False
@@ -454,6 +518,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         mean=meta.mean,
         std=meta.std,
         generator=generator,
+        precision=prepared.precision,
         after_epoch=after_epoch,
         description=f"distill {config.student} {trial}",
         show_progress=show_progress,
@@ -552,7 +617,10 @@ def record_config(prepared: PreparedDistill, run: RunDir) -> None:
     run.update_manifest(
         stages={
             "distillation": {
-                "config": config_dict(prepared.config),
+                # As hashed: a legacy identity hashed the teacher's path as then given (the audit re-derives it).
+                "config": {**config_dict(prepared.config), "teacher": prepared.identity_teacher_path}
+                if prepared.identity_teacher_path is not None
+                else config_dict(prepared.config),
                 "identity": identity,
                 "identity_source": prepared.source,
                 "trials_planned": prepared.trials,
@@ -561,6 +629,7 @@ def record_config(prepared: PreparedDistill, run: RunDir) -> None:
                 "holdout_images": len(prepared.data.holdout),
                 "source": prepared.data.train.source,
                 "selection": selection_criterion(prepared),
+                "precision": prepared.precision,
             }
         }
     )
@@ -618,6 +687,7 @@ def run_distillation(
             "trial": trial,
             "tau_per": config.tau_per,
             "identity": prepared.identity,
+            "precision": prepared.precision,
         }
         report = metered(stage, info, partial(distill_trial, prepared, run, trial, show_progress))
         results[trial] = report.result
@@ -648,7 +718,7 @@ def distill_run(
 
     The caller holds the run's lock.
     """
-    prepared = prepare_distill(config, run)
+    prepared = prepare_distill(config, run, fresh=overwrite)
     recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
     if overwrite:  # only once the new settings are known to work, so bad input loses nothing
         run.discard("distillation")

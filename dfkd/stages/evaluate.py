@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from dfkd.checkpoints import load_checkpoint
 from dfkd.data import ImageSet, load_split, normalize
-from dfkd.device import autocast, prepare_model
+from dfkd.device import Precision, autocast, default_precision, prepare_model, uses_channels_last
 from dfkd.errors import DfkdError
 from dfkd.metrics import classification_metrics
 from dfkd.progress import make_progress
@@ -32,21 +32,27 @@ def predict_logits(
     batch_size: int | None = None,
     features: bool = False,
     done: Callable[[int], None] | None = None,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
-    """fp32 logits (or, with `features`, penultimate features) of uint8 `images`, in batches, on `device`.
+    """fp32 logits (or, with `features`, penultimate features) of uint8 `images`, in batches, on `device`,
+    computed in `precision` (default: bf16 where the device computes it natively).
 
     `batch_size` defaults to 1000 on CUDA and `_CPU_BATCH` on the CPU; `done(n)` is told of every batch of
     `n` images once it is queued (a progress bar).
     """
+    precision = precision or default_precision(device)
     if batch_size is None:
         batch_size = 1000 if device.type == "cuda" else _CPU_BATCH
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = normalize(
-            images[start : start + batch_size].to(device, non_blocking=True), mean, std, device.type == "cuda"
+            images[start : start + batch_size].to(device, non_blocking=True),
+            mean,
+            std,
+            uses_channels_last(device, precision),
         )
-        with autocast(device):
+        with autocast(device, precision):
             out = cast(Callable[[Tensor], Tensor], model.forward_features)(batch) if features else model(batch)
         outputs.append(out.float())
         if done is not None:
@@ -69,12 +75,19 @@ def evaluate_on(
     std: tuple[float, ...],
     device: torch.device,
     show_progress: bool = False,
+    precision: Precision | None = None,
 ) -> dict[str, Any]:
     """Table-5 metrics of `model` on `test_set` (accuracy, per-class P/R/F1, Cohen's kappa, confusion)."""
     with make_progress(show_progress) as progress:
         task = progress.add_task(f"evaluate on {len(test_set)} test images", total=len(test_set), info="")
         logits = predict_logits(
-            model, test_set.images, mean, std, device, done=lambda n: progress.update(task, advance=n)
+            model,
+            test_set.images,
+            mean,
+            std,
+            device,
+            done=lambda n: progress.update(task, advance=n),
+            precision=precision,
         )
     return classification_metrics(logits.argmax(1).cpu(), test_set.labels, test_set.num_classes, test_set.classes)
 
@@ -86,7 +99,10 @@ def evaluate_checkpoint(
     model, meta = load_checkpoint(checkpoint)
     test_set = load_split(data, "test")
     check_classes(test_set, meta.num_classes, checkpoint)
-    metrics = evaluate_on(prepare_model(model, device), test_set, meta.mean, meta.std, device, show_progress)
+    precision = default_precision(device)
+    model = prepare_model(model, device, precision)
+    metrics = evaluate_on(model, test_set, meta.mean, meta.std, device, show_progress, precision)
+    metrics["precision"] = precision
     metrics["model"] = {"path": str(checkpoint), "arch": meta.arch, "num_classes": meta.num_classes}
     metrics["data"] = test_set.source
     return metrics

@@ -20,7 +20,7 @@ from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import load_checkpoint
 from dfkd.config.overrides import config_dict
 from dfkd.data import load_split
-from dfkd.device import prepare_model
+from dfkd.device import default_precision, prepare_model
 from dfkd.errors import DfkdError
 from dfkd.files import sha256_file, utc_now
 from dfkd.manifest import distillation_of, evaluation_of
@@ -65,13 +65,16 @@ def evaluate_run_student(run: RunDir, data: str, carbon: CarbonConfig, device: t
     check_classes(test_set, meta.num_classes, student_path)
     digest = sha256_file(student_path)
 
+    precision = default_precision(device)
+
     def work() -> StageReport:
-        metrics = evaluate_on(prepare_model(model, device), test_set, meta.mean, meta.std, device)
+        prepared = prepare_model(model, device, precision)
+        metrics = evaluate_on(prepared, test_set, meta.mean, meta.std, device, precision=precision)
         result = {"test_acc": metrics["accuracy"], "data": wanted, "student": run.relative(student_path)}
         return StageReport(result={**result, "test_metrics": metrics}, work={"images": len(test_set)})
 
     run.update_manifest(carbon=config_dict(carbon))
-    info = {"student_sha256": digest, "data": wanted, "arch": meta.arch}
+    info = {"student_sha256": digest, "data": wanted, "arch": meta.arch, "precision": precision}
     report = run_metered(run, STAGE, carbon, device, info, work)
     result = {k: v for k, v in report.result.items() if k != "test_metrics"}
     run.update_manifest(

@@ -41,11 +41,11 @@ from dfkd.checkpoints import CheckpointMeta, save_checkpoint
 from dfkd.config.overrides import config_dict
 from dfkd.config.recipe import Recipe
 from dfkd.data import ImageSet, load_split
-from dfkd.device import compiled, free_memory_bytes, prepare_model, seed_everything
+from dfkd.device import Precision, compiled, free_memory_bytes, prepare_model, seed_everything
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes, utc_now
 from dfkd.losses import get_loss
-from dfkd.manifest import distillation_of
+from dfkd.manifest import distillation_of, synthesis_of
 from dfkd.models import create_model
 from dfkd.optim import sgd_with_cosine
 from dfkd.progress import make_progress
@@ -68,6 +68,7 @@ from dfkd.stages.runner import FlopsPerUnit, Phase, StageReport, finished_record
 from dfkd.stages.synthesis import (
     TARGETS_NOTE,
     PreparedSynthesis,
+    adopt_recorded_precision,
     batch_targets,
     build_synthesizer,
     check_same_synthesis,
@@ -229,6 +230,8 @@ def _rounds_done(run: RunDir, prepared: PreparedInterleaved) -> tuple[int, int]:
             "is missing or does not match its manifest hash; restore it or pass --overwrite to start over"
         )
     synthetic.prune(keep=made)
+    if made:
+        adopt_recorded_precision(prepared.synthesis, synthesis_of(run.read_manifest()))
     return trained, made
 
 
@@ -245,6 +248,7 @@ def _record_sections(run: RunDir, prepared: PreparedInterleaved) -> None:
                 "teacher": teacher_ref(synthesis),
                 "targets": TARGETS_NOTE,
                 "device": str(synthesis.device),
+                "precision": synthesis.precision,
                 "mode": STAGE,
             },
             "distillation": {
@@ -256,6 +260,7 @@ def _record_sections(run: RunDir, prepared: PreparedInterleaved) -> None:
                 "source": f"interleaved rounds of {run.root}",
                 "selection": "holdout_agreement",
                 "interleave": config_dict(recipe.interleave),
+                "precision": synthesis.precision,
             },
         }
     )
@@ -299,10 +304,11 @@ def interleave_rounds(
     """Rounds `trained` .. R−1 (see the module docstring), then the set's and the student's figures."""
     recipe, synthesis = prepared.recipe, prepared.synthesis
     distill, interleave, meta, device = recipe.distill, recipe.interleave, synthesis.teacher_meta, synthesis.device
+    precision = synthesis.precision  # the student learns in the precision the images are made in
     folder = trial_dir(run, prepared.trial)
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(distill.seed)
-    student = prepare_model(create_model(distill.student, meta.num_classes), device)
+    student = prepare_model(create_model(distill.student, meta.num_classes), device, precision)
     total_steps = (prepared.rounds - interleave.warmup_rounds) * interleave.kd_steps
     optimizer, scheduler = sgd_with_cosine(
         student, distill.scaled_lr, total_steps, distill.weight_decay, nesterov=False
@@ -324,7 +330,7 @@ def interleave_rounds(
     for index, path in enumerate(synthetic.valid_shards()[:made]):
         shard = load_file(str(path))
         pool.add(index, shard["images"], shard["targets"])
-    teacher = prepare_model(synthesis.teacher, device).eval().requires_grad_(False)
+    teacher = prepare_model(synthesis.teacher, device, precision).eval().requires_grad_(False)
     drawn: list[float | torch.Tensor] = []
     forward = compiled(student, distill.compile, device)
     batch_loss = kd_batch_loss(distill, compiled(teacher, distill.compile, device), forward, sampler, drawn, False)
@@ -369,6 +375,7 @@ def interleave_rounds(
                             meta.mean,
                             meta.std,
                             generator,
+                            precision,
                         )
                     entry["loss"] = (loss_sum / interleave.kd_steps).item()
                     check_loss(entry["loss"], f"round {index + 1}", "round")
@@ -386,8 +393,9 @@ def interleave_rounds(
                         student,
                         meta,
                         device,
+                        precision,
                         pool.holdout(meta.num_classes),
-                        _teacher_logits(teacher, pool, meta, device),
+                        _teacher_logits(teacher, pool, meta, device, precision),
                         None,
                         prepared.test_set,
                     )
@@ -403,15 +411,16 @@ def interleave_rounds(
     with phase("generation"):
         data = synthetic.load()
         preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
-        quality = quality_figures(data["images"], data["targets"], teacher, meta, device, config.quality_sample)
+        quality = quality_figures(
+            data["images"], data["targets"], teacher, meta, device, config.quality_sample, precision
+        )
         run.update_manifest(
             stages={"synthesis": {"quality": quality, "shards": prepared.rounds, "images": len(data["images"])}}
         )
     with phase("compression"):
         holdout = pool.holdout(meta.num_classes)
-        figures = student_figures(
-            student, meta, device, holdout, _teacher_logits(teacher, pool, meta, device), None, prepared.test_set
-        )
+        teacher_logits = _teacher_logits(teacher, pool, meta, device, precision)
+        figures = student_figures(student, meta, device, precision, holdout, teacher_logits, None, prepared.test_set)
         if "test_acc" in figures:
             figures["test_data"] = resolved_data(recipe.evaluate.data)
         student_path = _save_student(run, prepared, student, figures)
@@ -438,8 +447,11 @@ def interleave_rounds(
     return StageReport(result, work, phase_units={"generation": image_steps, "compression": kd_images})
 
 
-def _teacher_logits(teacher: torch.nn.Module, pool: _Pool, meta: CheckpointMeta, device: torch.device) -> torch.Tensor:
-    return predict_logits(teacher, pool.holdout(meta.num_classes).images, meta.mean, meta.std, device).cpu()
+def _teacher_logits(
+    teacher: torch.nn.Module, pool: _Pool, meta: CheckpointMeta, device: torch.device, precision: Precision
+) -> torch.Tensor:
+    images = pool.holdout(meta.num_classes).images
+    return predict_logits(teacher, images, meta.mean, meta.std, device, precision=precision).cpu()
 
 
 def _save_round(
@@ -542,6 +554,7 @@ def run_interleaved(
         "kd_steps": recipe.interleave.kd_steps,
         "rounds": prepared.rounds,
         "resumed_after_round": trained,
+        "precision": synthesis.precision,
     }
     report = run_metered_in_phases(
         run,

@@ -17,10 +17,10 @@ from dfkd.config.recipe import Recipe
 from dfkd.data import check_data_path
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, atomic_write_json
-from dfkd.manifest import synthesis_of
+from dfkd.manifest import distillation_of, synthesis_of
 from dfkd.report.build import build_report
 from dfkd.rundir import SYNTHETIC_DIR, RunDir
-from dfkd.stages.distill import check_same_distillation, distill_run, student_source
+from dfkd.stages.distill import check_same_distillation, distill_run, recorded_identity, student_source
 from dfkd.stages.evaluation import evaluate_run_student
 from dfkd.stages.interleaved import check_same_interleaved, prepare_interleaved, run_interleaved
 from dfkd.stages.synthesis import check_same_synthesis, prepare_synthesis, run_synthesis
@@ -39,7 +39,16 @@ def check_inputs(recipe: Recipe) -> None:
 
 # Settings that change no stage's output: how a run is described, where it runs, what its finished
 # student is evaluated on, how its energy is accounted. They may differ on a rerun of the same run dir.
-STEP_KEYS = ("run.description", "run.device", "evaluate.data", "evaluate.every", "distill.compile", "carbon.")
+# So may the teacher's path: the stages identify the teacher by its sha256 and refuse another one.
+STEP_KEYS = (
+    "run.description",
+    "run.device",
+    "teacher.checkpoint",
+    "evaluate.data",
+    "evaluate.every",
+    "distill.compile",
+    "carbon.",
+)
 
 
 def check_same_recipe(run: RunDir, recipe: Recipe) -> None:
@@ -91,7 +100,8 @@ def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[s
         check_same_recipe(run, recipe)
         check_same_synthesis(run, prepared.config_hash)
         source = student_source(recipe.distill, prepared.config_hash, prepared.teacher_sha256)
-        check_same_distillation(run, recipe.distill.identity(source))
+        recorded = distillation_of(run.read_manifest())
+        check_same_distillation(run, recorded_identity(recipe.distill, source, recorded)[0])
         record_recipe(run, recipe)
         synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
         distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torchvision.utils import save_image
@@ -24,10 +24,10 @@ from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.synthesis import SynthesisConfig
-from dfkd.device import free_memory_bytes, resolve_device
+from dfkd.device import Precision, default_precision, free_memory_bytes, legacy_precision, resolve_device
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, sha256_file
-from dfkd.manifest import TeacherRef, synthesis_of
+from dfkd.manifest import SynthesisSection, TeacherRef, synthesis_of
 from dfkd.progress import make_progress
 from dfkd.rundir import RunDir
 from dfkd.stages.evaluate import predict_logits
@@ -50,6 +50,9 @@ class PreparedSynthesis:
     teacher_meta: CheckpointMeta
     teacher_sha256: str
     device: torch.device
+    # bf16 when the method's `amp` asks and the device computes bf16 natively; a resumed stage keeps
+    # the precision it began in (`adopt_recorded_precision`).
+    precision: Precision = "fp32"
 
     @property
     def config_hash(self) -> str:
@@ -103,7 +106,15 @@ def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) ->
             f"{what} needs {needed / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB free on {device}: "
             f"lower the {config.method} setting that sets its size"
         )
-    return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), device)
+    precision: Precision = default_precision(device) if method_config.amp else "fp32"
+    return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), device, precision)
+
+
+def adopt_recorded_precision(prepared: PreparedSynthesis, recorded: SynthesisSection) -> None:
+    """A synthesis that already made shards goes on in the precision it began in, so a resumed set holds the
+    images an uninterrupted run makes; one begun before dfkd recorded it computed in the legacy precision."""
+    legacy = legacy_precision(prepared.device) if prepared.method_config.amp else "fp32"
+    prepared.precision = cast(Precision, recorded.get("precision", legacy))
 
 
 def teacher_ref(prepared: PreparedSynthesis) -> TeacherRef:
@@ -162,6 +173,8 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
             "or pass --overwrite to start over"
         )
     synthetic.prune(keep=done)
+    if done:
+        adopt_recorded_precision(prepared, synthesis_of(run.read_manifest()))
     return done
 
 
@@ -245,7 +258,13 @@ def load_synthesizer_state(synthetic: SyntheticSet, synthesizer: Synthesizer, in
 
 
 def quality_figures(
-    images: torch.Tensor, targets: torch.Tensor, teacher: torch.nn.Module, meta: Any, device: torch.device, sample: int
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: torch.nn.Module,
+    meta: Any,
+    device: torch.device,
+    sample: int,
+    precision: Precision,
 ) -> dict[str, Any]:
     """How good the synthetic set is, by the teacher's own judgement.
 
@@ -253,10 +272,12 @@ def quality_figures(
     softmax; class_histogram: counts of teacher predictions; diversity: mean pairwise cosine similarity
     of the teacher's penultimate features over a random sample (lower = more diverse).
     """
-    logits = predict_logits(teacher, images, meta.mean, meta.std, device).cpu()
+    logits = predict_logits(teacher, images, meta.mean, meta.std, device, precision=precision).cpu()
     predictions = logits.argmax(1)
     picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:sample]
-    features = predict_logits(teacher, images[picked], meta.mean, meta.std, device, features=True).cpu()
+    features = predict_logits(
+        teacher, images[picked], meta.mean, meta.std, device, features=True, precision=precision
+    ).cpu()
     unit = torch.nn.functional.normalize(features, dim=1)
     similarity = unit @ unit.T
     n = len(unit)
@@ -311,6 +332,7 @@ def synthesize_stage(
                 "teacher": teacher_ref(prepared),
                 "targets": TARGETS_NOTE,
                 "device": str(device),
+                "precision": prepared.precision,
             }
         }
     )
@@ -341,7 +363,13 @@ def synthesize_stage(
     data = synthetic.load()
     preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
     quality = quality_figures(
-        data["images"], data["targets"], prepared.teacher.to(device), meta, device, config.quality_sample
+        data["images"],
+        data["targets"],
+        prepared.teacher.to(device),
+        meta,
+        device,
+        config.quality_sample,
+        prepared.precision,
     )
     shards = synthetic.valid_shards()
     run.update_manifest(
@@ -374,6 +402,7 @@ def build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
         meta.std,
         meta.num_classes,
         meta.input_size,
+        prepared.precision,
     )
 
 
@@ -420,6 +449,7 @@ def run_synthesis(
         "batch_size": config.batch_size,
         "resumed_after_shard": start,
         "config_hash": prepared.config_hash,
+        "precision": prepared.precision,
     }
     flops = FlopsPerUnit(synthesis_step_flops(prepared), "image-step")
     report = run_metered(

@@ -17,7 +17,7 @@ from dfkd.checkpoints import CheckpointMeta, as_recorded, save_checkpoint
 from dfkd.config.overrides import config_dict
 from dfkd.config.teacher import TeacherConfig
 from dfkd.data import check_data_path, load_split, split_shape, stratified_subset
-from dfkd.device import compiled, prepare_model, resolve_device, seed_everything
+from dfkd.device import compiled, default_precision, prepare_model, resolve_device, seed_everything
 from dfkd.files import utc_now
 from dfkd.models import create_model
 from dfkd.optim import sgd_with_cosine
@@ -47,7 +47,8 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
     # `dfkd evaluate` normalise as the teacher learnt.
     mean, std = (as_recorded(stats) for stats in train_set.channel_stats())
     input_size = train_set.input_size
-    model = prepare_model(create_model(config.arch, train_set.num_classes), device)
+    precision = default_precision(device)
+    model = prepare_model(create_model(config.arch, train_set.num_classes), device, precision)
     steps_per_epoch = len(train_set.images) // config.batch_size
     optimizer, scheduler = sgd_with_cosine(
         model,
@@ -64,7 +65,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
     def after_epoch(stats: EpochStats) -> None:
         entry = {"epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr, "images_per_s": stats.images_per_s}
         if stats.epoch % config.eval_every == 0 or stats.epoch == config.epochs:
-            entry["test_acc"] = evaluate_on(model, test_set, mean, std, device)["accuracy"]
+            entry["test_acc"] = evaluate_on(model, test_set, mean, std, device, precision=precision)["accuracy"]
         log.append(entry)
 
     train_epochs(
@@ -80,6 +81,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
         mean=mean,
         std=std,
         generator=generator,
+        precision=precision,
         after_epoch=after_epoch,
         description=f"train {config.arch}",
         show_progress=show_progress,
@@ -106,6 +108,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
                 "input_size": input_size,
                 "mean": list(mean),
                 "std": list(std),
+                "precision": precision,
             }
         }
     )

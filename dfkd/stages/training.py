@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dfkd.data import iterate_batches, normalize, random_crop_flip
-from dfkd.device import autocast
+from dfkd.device import Precision, autocast, uses_channels_last
 from dfkd.errors import DfkdError
 from dfkd.progress import make_progress
 
@@ -51,12 +51,15 @@ def train_step(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     generator: torch.Generator | None,
+    precision: Precision,
 ) -> torch.Tensor:
     """One optimiser step on `images[indices]` (uint8, on the device), augmented and normalised there;
     returns the loss as an fp32 device scalar (read it when convenient: reading it is a host sync)."""
     device = images.device
-    batch = normalize(random_crop_flip(images[indices], generator=generator), mean, std, device.type == "cuda")
-    with autocast(device):
+    batch = normalize(
+        random_crop_flip(images[indices], generator=generator), mean, std, uses_channels_last(device, precision)
+    )
+    with autocast(device, precision):
         loss = batch_loss(batch, labels[indices], indices)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -88,6 +91,7 @@ def train_epochs(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     generator: torch.Generator | None,
+    precision: Precision,
     after_epoch: Callable[[EpochStats], None],
     description: str,
     show_progress: bool = True,
@@ -109,7 +113,9 @@ def train_epochs(
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for indices in iterate_batches(len(images), batch_size, device, generator=generator):
-                loss_sum += train_step(optimizer, scheduler, images, labels, indices, batch_loss, mean, std, generator)
+                loss_sum += train_step(
+                    optimizer, scheduler, images, labels, indices, batch_loss, mean, std, generator, precision
+                )
             mean_loss = (loss_sum / steps_per_epoch).item()
             check_loss(mean_loss, f"epoch {epoch}", "epoch")
             stats = EpochStats(

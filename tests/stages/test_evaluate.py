@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint, save_checkpoint
 from dfkd.cli import app
 from dfkd.data import load_split
+from dfkd.device import prepare_model
 from dfkd.errors import DfkdError
 from dfkd.models import create_model
 from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
@@ -82,18 +83,32 @@ def test_api_on_a_slice(reference_student: Path, cifar_jpeg_root: Path) -> None:
     model, meta = load_checkpoint(reference_student)
     subset = load_split(cifar_jpeg_root, "test").subset(torch.arange(0, 10_000, 100))
     cpu = torch.device("cpu")
-    whole = predict_logits(model, subset.images, meta.mean, meta.std, cpu)
-    batched = predict_logits(model, subset.images, meta.mean, meta.std, cpu, batch_size=40)
+    whole = predict_logits(model, subset.images, meta.mean, meta.std, cpu, precision="fp32")
+    batched = predict_logits(model, subset.images, meta.mean, meta.std, cpu, batch_size=40, precision="fp32")
     assert whole.shape == (100, 10) and whole.dtype == torch.float32
     torch.testing.assert_close(batched, whole, rtol=1e-4, atol=1e-4)
-    features = predict_logits(model, subset.images, meta.mean, meta.std, cpu, batch_size=40, features=True)
+    features = predict_logits(
+        model, subset.images, meta.mean, meta.std, cpu, batch_size=40, features=True, precision="fp32"
+    )
     assert features.shape == (100, model.num_features)
     torch.testing.assert_close(model.fc(features), whole, rtol=1e-4, atol=1e-4)
-    metrics = evaluate_on(model, subset, meta.mean, meta.std, cpu)
+    metrics = evaluate_on(model, subset, meta.mean, meta.std, cpu, precision="fp32")
     assert metrics["count"] == 100
     assert metrics["accuracy"] == pytest.approx((whole.argmax(1) == subset.labels).sum().item())
     assert [row["support"] for row in metrics["per_class"]] == [10] * 10
     assert metrics["accuracy"] > 75
+
+
+def test_bf16_logits_stay_close_to_fp32_and_come_back_in_fp32(reference_student: Path, cifar_jpeg_root: Path) -> None:
+    """bf16 autocast (dfkd's default where the device computes bf16 natively) keeps the classifier's decisions."""
+    model, meta = load_checkpoint(reference_student)
+    subset = load_split(cifar_jpeg_root, "test").subset(torch.arange(0, 10_000, 50))
+    cpu = torch.device("cpu")
+    exact = predict_logits(model, subset.images, meta.mean, meta.std, cpu, precision="fp32")
+    fast = predict_logits(prepare_model(model, cpu, "bf16"), subset.images, meta.mean, meta.std, cpu, precision="bf16")
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact), "bf16 did run"
+    assert (fast - exact).abs().max() < 0.5
+    assert (fast.argmax(1) == exact.argmax(1)).float().mean() >= 0.97
 
 
 def test_class_count_mismatch_is_refused(tmp_path: Path, cifar_jpeg_root: Path) -> None:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -72,7 +73,10 @@ def test_interrupted_old_run_resumes_to_the_student_of_the_uninterrupted_one(fix
     resumed = load_file("interrupted/student/student.safetensors")
     uninterrupted = load_file("finished/student/student.safetensors")
     assert resumed.keys() == uninterrupted.keys()
-    assert all(resumed[key].equal(uninterrupted[key]) for key in resumed)
+    # `finished/` was trained on another CPU: its fp32 kernels round differently in the last bit (6e-8 seen
+    # on the 2-core build machine), so equal means equal to fp32 rounding, not bit for bit, across machines.
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
     assert (
         summary["distillation"]["holdout_agreement"]
         == json.loads(Path("finished/manifest.json").read_text())["stages"]["distillation"]["result"][

@@ -98,7 +98,10 @@ def flip_byte(path: Path) -> None:
 # --- what a run writes ------------------------------------------------------------------------------
 
 
-def test_stage_writes_shards_preview_state_manifest_and_one_ledger_record(tmp_path: Path, tiny_teacher: Path) -> None:
+def test_stage_writes_shards_preview_state_manifest_and_one_ledger_record(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DFKD_PRECISION", "fp32")  # the golden values below are fp32's, on any CPU
     run = tmp_path / "run"
     summary = synthesize(
         run, tiny_teacher, "--method", "cmi", "--num-images", "20", "--batch-size", "8", "--iterations", "3", *CMI_FAST
@@ -141,10 +144,11 @@ def test_stage_writes_shards_preview_state_manifest_and_one_ledger_record(tmp_pa
     assert verify_ledger(run / "carbon.jsonl") == []
     assert (record["stage"], record["status"], record["error"]) == ("synthesis", "complete", None)
     assert record["info"]["resumed_after_shard"] == 0
+    assert record["info"]["precision"] == stage["precision"] == "fp32"
     quality = record["result"]["quality"]
     assert quality == stage["quality"] == summary["quality"]
     assert quality["images"] == 20 and quality["target_histogram"] == [2] * 10 and sum(quality["class_histogram"]) == 20
-    # Seeded golden values (CPU, torch 2.14.1): 3 steps on a tiny teacher reach chance-level agreement.
+    # Seeded golden values (CPU, fp32, torch 2.14.1): 3 steps on a tiny teacher reach chance-level agreement.
     assert quality["target_agreement"] == pytest.approx(10.0)
     assert quality["diversity_mean_cosine"] == pytest.approx(0.8003222942352295, rel=1e-5)
     assert record["work"]["images_made"] == 20 and record["work"]["image_steps"] == 60
