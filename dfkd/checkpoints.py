@@ -8,8 +8,10 @@ Nothing is ever unpickled except through `torch.load(weights_only=True)` in `imp
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,6 +34,18 @@ def as_recorded(values: tuple[float, ...]) -> Stats:
     """Normalisation figures as a checkpoint's metadata keeps them (6 significant digits)."""
     first, second, third = (float(f"{v:g}") for v in values)
     return first, second, third
+
+
+def _json_number(text: str) -> int | float | str:
+    """`text` as an int or a finite float when it is one, else unchanged."""
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return text
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,20 @@ class CheckpointMeta:
             out["test_acc"] = f"{self.test_acc:.2f}"
         out.update({k: str(v) for k, v in self.extra.items()})
         return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata with JSON types: numbers as numbers (`test_acc` in %), mean and std as lists; an
+        extra value that reads as a number becomes one, the rest stay text."""
+        return {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "dataset": self.dataset,
+            "test_acc": self.test_acc,
+            "extra": {key: _json_number(value) for key, value in self.extra.items()},
+        }
 
     @classmethod
     def from_strings(cls, raw: dict[str, str] | None, source: str) -> CheckpointMeta:

@@ -241,10 +241,9 @@ def evaluate_command(
     as_json: bool = JSON,
 ) -> None:
     """Top-1 accuracy, per-class precision/recall/F1, Cohen's kappa and the confusion matrix."""
-    from dfkd.device import resolve_device
-    from dfkd.stages.evaluate import evaluate_checkpoint
+    from dfkd import api
 
-    metrics = evaluate_checkpoint(model, data, resolve_device(device), show_progress=not as_json)
+    metrics = api.evaluate(model, data, device=device, progress=not as_json)
     if as_json:
         print_json(metrics)
         return
@@ -252,16 +251,16 @@ def evaluate_command(
         f"[bold]{model}[/bold] on {metrics['data']}: top-1 {metrics['accuracy']:.2f} %  "
         f"kappa {metrics['kappa']:.4f}  ({metrics['count']} images)"
     )
-    table = Table("class", "precision", "recall", "F1", "support", title="per class")
+    table = Table("class", "precision %", "recall %", "F1 %", "support", title="per class")
     for row in metrics["per_class"]:
         table.add_row(
-            row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])
+            row["name"], f"{row['precision']:.2f}", f"{row['recall']:.2f}", f"{row['f1']:.2f}", str(row["support"])
         )
     table.add_row(
         "macro",
-        f"{metrics['macro_precision']:.4f}",
-        f"{metrics['macro_recall']:.4f}",
-        f"{metrics['macro_f1']:.4f}",
+        f"{metrics['macro_precision']:.2f}",
+        f"{metrics['macro_recall']:.2f}",
+        f"{metrics['macro_f1']:.2f}",
         str(metrics["count"]),
     )
     out.print(table)
@@ -278,15 +277,17 @@ def checkpoint_info(path: Path = typer.Argument(..., help="A .safetensors checkp
     """Print a checkpoint's validated metadata and sha256; exit 2 when it would not load."""
     from dfkd.checkpoints import load_checkpoint
 
-    _, meta = load_checkpoint(path)  # everything `load` checks: metadata, tensor names and shapes
-    info = {**meta.to_strings(), "sha256": sha256_file(path), "path": str(path)}
+    model, meta = load_checkpoint(path)  # everything `load` checks: metadata, tensor names and shapes
+    parameters = sum(p.numel() for p in model.parameters())
+    digest = sha256_file(path)
     if as_json:
-        print_json(info)
+        print_json({**meta.to_json(), "parameters": parameters, "sha256": digest, "path": str(path)})
         return
-    table = Table("key", "value", title=str(path))
-    for key, value in info.items():
-        table.add_row(key, value)
-    out.print(table)
+    # One `key value` line each, never a table cell: a sha256 cut short cannot be compared with the one an
+    # auditor holds.
+    out.print(str(path), highlight=False, markup=False, soft_wrap=True)
+    for key, value in {**meta.to_strings(), "parameters": f"{parameters:,}", "sha256": digest}.items():
+        out.print(f"  {key:<18} {value}", highlight=False, markup=False, soft_wrap=True)
 
 
 @checkpoint_app.command("import")
@@ -340,7 +341,14 @@ def synthesize_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed: batch b is seeded with (seed, b), so a resume is exact."),
     run: Path | None = typer.Option(None, "--run", help="Run dir (default: runs/<method>-<time>)."),
-    settings: list[str] | None = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
+    settings: list[str] | None = typer.Option(
+        None,
+        "--set",
+        help="Method setting key=value, e.g. nz=256 (or as a recipe names it: synthesize.settings.nz=256); repeatable.",
+    ),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the teacher on CUDA (the method setting compile=true)."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Discard existing synthetic data in the run dir and start over."
     ),
@@ -351,34 +359,33 @@ def synthesize_command(
     as_json: bool = JSON,
 ) -> None:
     """Invert the teacher into synthetic image shards; metered as stage `synthesis`. Resumes by default."""
+    from dfkd import api
     from dfkd.config.overrides import parse_set_options
-    from dfkd.config.synthesis import SynthesisConfig
-    from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
 
-    config = apply_overrides(
-        SynthesisConfig(),
-        {
-            "method": method,
-            "teacher": str(teacher),
-            "num_images": num_images,
-            "batch_size": batch_size,
-            "seed": seed,
-            "device": device,
-            "method_settings": parse_set_options(settings),
+    result = api.synthesize(
+        run or default_run_dir(method),
+        method=method,
+        teacher=teacher,
+        num_images=num_images,
+        batch_size=batch_size,
+        iterations=iterations,
+        seed=seed,
+        device=device,
+        settings={
+            **({"compile": "true"} if compile_model else {}),
+            **parse_set_options(settings, "synthesize.settings"),
         },
-        "synthesis setting",
+        carbon=carbon_config(pue, country, grid),
+        overwrite=overwrite,
+        progress=not as_json,
     )
-    carbon = carbon_config(pue, country, grid)
-    prepared = prepare_synthesis(config, iterations)
-    run_dir = RunDir.open(run or default_run_dir(method))
-    with run_dir.locked():
-        result, work = run_synthesis(prepared, run_dir, carbon, overwrite, show_progress=not as_json)
     quality = result["quality"]
     if as_json:
-        print_json({"run": str(run_dir.root), **result, "work": work})
+        print_json(result)
         return
     out.print(
-        f"{quality['images']} synthetic images in {run_dir.root / 'synthetic'}: teacher agrees with the target on "
+        f"{quality['images']} synthetic images in {Path(result['run']) / 'synthetic'}: "
+        "teacher agrees with the target on "
         f"{quality['target_agreement']:.1f} %, mean confidence {quality['mean_confidence']:.3f}, "
         f"diversity (mean cosine) {quality['diversity_mean_cosine']:.3f}; preview {result['preview']}"
     )
@@ -425,46 +432,40 @@ def distill_command(
     as_json: bool = JSON,
 ) -> None:
     """Distil a student from the teacher on the synthetic set; metered as stage `distillation`. Resumes by default."""
-    from dfkd.config.distill import DistillConfig
-    from dfkd.config.tau import parse_tau_range
-    from dfkd.stages.distill import distill_run
+    from dfkd import api
 
-    config = apply_overrides(
-        DistillConfig(),
-        {
-            "student": student,
-            "teacher": str(teacher or ""),
-            "tau": tau,
-            "tau_range": parse_tau_range(tau_range),
-            "tau_per": tau_per,
-            "loss": loss,
-            "alpha": alpha,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "seed": seed,
-            "device": device,
-            "data": str(data or ""),
-            "eval_data": str(eval_data or ""),
-            "val_data": str(val_data or ""),
-            "eval_every": eval_every,
-            "compile": compile_model,
-            "train_subset": train_subset,
-        },
-        "distillation setting",
-    )
-    carbon = carbon_config(pue, country, grid)
     # A real-data baseline (--data) may start a fresh run dir; data-free distillation needs the synthesis's.
-    run_dir = RunDir.open(run, create=data is not None)
-    with run_dir.locked():
-        summary = distill_run(config, run_dir, carbon, overwrite, show_progress=not as_json)
+    summary = api.distill(
+        run,
+        epochs=epochs,
+        student=student,
+        tau=tau,
+        tau_range=tau_range,
+        batch_size=batch_size,
+        teacher=teacher,
+        data=data,
+        eval_data=eval_data,
+        val_data=val_data,
+        carbon=carbon_config(pue, country, grid),
+        overwrite=overwrite,
+        progress=not as_json,
+        tau_per=tau_per,
+        loss=loss,
+        alpha=alpha,
+        lr=lr,
+        seed=seed,
+        device=device,
+        eval_every=eval_every,
+        compile=compile_model,
+        train_subset=train_subset,
+    )
     if as_json:
-        print_json({"run": str(run_dir.root), **summary})
+        print_json(summary)
         return
     accuracy = f"test accuracy {summary['test_acc']:.2f} %, " if "test_acc" in summary else ""
     winner = f"grid winner {summary['winner']} by {summary['criterion']}; " if "winner" in summary else ""
     out.print(
-        f"{winner}student {run_dir.root / 'student' / 'student.safetensors'}: {accuracy}"
+        f"{winner}student {Path(summary['run']) / 'student' / 'student.safetensors'}: {accuracy}"
         f"agreement with the teacher on held-out synthetic images {summary['holdout_agreement']:.2f} %"
     )
 
@@ -538,6 +539,37 @@ def _print_run_report(runs: list[Path]) -> None:
     out.print(render_table(build_report(runs)))
 
 
+def _dry_run(recipe_file: Path, settings: list[str] | None, run: Path | None, as_json: bool) -> None:
+    from dfkd import api
+    from dfkd.report.format import duration, number, si
+
+    estimate = api.estimate(recipe_file, overrides=settings, run_dir=run)
+    if as_json:
+        print_json(estimate)
+        return
+    table = Table(
+        "stage",
+        "work",
+        "FLOPs",
+        "time",
+        "kWh (PUE)",
+        "CO2eq g",
+        title=f"estimate: {estimate['recipe']} on {estimate['device']}",
+    )
+    for row in [*estimate["stages"], {"stage": "total", **estimate["total"]}]:
+        work = f"{si(row['units'])} {row['unit']}s" if "units" in row else ""
+        table.add_row(
+            row["stage"],
+            work,
+            si(row["flops"]),
+            duration(row["seconds"]),
+            number(row["energy_kwh_with_pue"]),
+            number(row["co2eq_g"]),
+        )
+    out.print(table)
+    out.print(f"not included: {estimate['not_included']}", highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command("run")
 @user_errors
 def run_command(
@@ -546,14 +578,23 @@ def run_command(
         None, "--run", help="Run dir (default: runs/<recipe>-<time>); rerun on it to resume."
     ),
     settings: list[str] | None = RECIPE_SETS,
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Run nothing: print each stage's work, FLOPs and its time, energy and CO2eq on this device, "
+        "estimated from a short measured probe (with --run, also kept there for the report's estimate vs actual).",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Run a recipe: synthesize, distill and evaluate in one run dir, each stage metered; then the carbon report."""
+    from dfkd import api
     from dfkd.config.recipe import load_recipe
-    from dfkd.stages.pipeline import run_recipe
 
     recipe = load_recipe(recipe_file, settings)
-    summary = run_recipe(recipe, run or default_run_dir(recipe.name), show_progress=not as_json)
+    if dry_run:
+        _dry_run(recipe_file, settings, run, as_json)
+        return
+    summary = api.run(recipe_file, run or default_run_dir(recipe.name), overrides=settings, progress=not as_json)
     if as_json:
         print_json(summary)
         return

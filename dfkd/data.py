@@ -191,6 +191,14 @@ def split_shape(path: Path | str) -> tuple[int, int]:
         return len(classes), image.size[0]
 
 
+def split_size(path: Path | str, split: Split) -> int:
+    """How many images one split holds, without decoding it (CIFAR: 50,000 train, 10,000 test)."""
+    layout, root = _find_layout(Path(path).expanduser())
+    if layout != "imagefolder":
+        return 50_000 if split == "train" else 10_000
+    return len(_list_image_folder(root, split)[1])
+
+
 def cache_dir() -> Path:
     """Where decoded splits are kept: `$DFKD_CACHE`, else `~/.cache/dfkd`."""
     return Path(os.environ.get("DFKD_CACHE") or Path.home() / ".cache" / "dfkd")

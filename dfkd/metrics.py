@@ -2,9 +2,11 @@
 
 All figures come from one confusion matrix M (rows = true class, columns = predicted class) over
 n samples; with row sums r_c, column sums k_c:
-    accuracy      = 100 · Σ_c M[c,c] / n                      (a percentage)
-    precision_c   = M[c,c] / k_c,  recall_c = M[c,c] / r_c,  F1_c = 2·P·R / (P + R)   (fractions)
+    accuracy      = 100 · Σ_c M[c,c] / n
+    precision_c   = 100 · M[c,c] / k_c,  recall_c = 100 · M[c,c] / r_c,  F1_c = 2·P·R / (P + R)
     Cohen's kappa = (p_o − p_e) / (1 − p_e),  p_o = Σ_c M[c,c] / n,  p_e = Σ_c r_c·k_c / n²
+Every share (accuracy, precision, recall, F1 and their macro means) is a percentage; kappa is not a
+share and stays in [−1, 1]. The result's `units` says so, for whoever reads the JSON.
 A ratio with a zero denominator (a class never predicted, never present, or P = R = 0) is reported
 as 0 rather than NaN, so the result stays JSON-valid and averages stay defined; macro averages are
 the plain means over all `num_classes` classes.
@@ -16,6 +18,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+UNITS = {
+    "accuracy, precision, recall, f1, macro_*": "percent",
+    "kappa": "Cohen's kappa, -1 to 1 (0 = chance agreement)",
+    "support, count, confusion_matrix": "images",
+}
 
 
 def _ratio(num: float, den: float) -> float:
@@ -38,9 +46,9 @@ def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor
 def classification_metrics(
     preds: Tensor, targets: Tensor, num_classes: int, class_names: list[str] | None = None
 ) -> dict[str, Any]:
-    """Accuracy (%), per-class and macro precision/recall/F1, Cohen's kappa and the confusion matrix.
+    """Accuracy, per-class and macro precision/recall/F1 (all %), Cohen's kappa and the confusion matrix.
 
-    `preds` and `targets` are (N,) class indices. Returns a JSON-ready dict with keys count,
+    `preds` and `targets` are (N,) class indices. Returns a JSON-ready dict with keys count, units,
     accuracy, macro_precision, macro_recall, macro_f1, kappa, per_class (a list, one dict per class
     with name, precision, recall, f1, support) and confusion_matrix (nested lists, rows = true).
     See the module docstring for the formulas and the zero-denominator rule.
@@ -58,8 +66,8 @@ def classification_metrics(
 
     per_class = []
     for c, name in enumerate(names):
-        precision = _ratio(matrix[c][c], col_sums[c])
-        recall = _ratio(matrix[c][c], row_sums[c])
+        precision = 100.0 * _ratio(matrix[c][c], col_sums[c])
+        recall = 100.0 * _ratio(matrix[c][c], row_sums[c])
         f1 = _ratio(2 * precision * recall, precision + recall)
         per_class.append({"name": name, "precision": precision, "recall": recall, "f1": f1, "support": row_sums[c]})
 
@@ -67,6 +75,7 @@ def classification_metrics(
     expected = sum(r * k for r, k in zip(row_sums, col_sums)) / n**2
     return {
         "count": n,
+        "units": UNITS,
         "accuracy": 100.0 * observed,
         "macro_precision": sum(m["precision"] for m in per_class) / num_classes,
         "macro_recall": sum(m["recall"] for m in per_class) / num_classes,

@@ -223,11 +223,14 @@ def test_checkpoint_info(reference_teacher: Path) -> None:
     result = invoke("checkpoint", "info", reference_teacher, "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["arch"] == "wrn40_2" and info["num_classes"] == "10" and info["test_acc"] == "91.20"
-    assert info["mean"] == "0.4914,0.4822,0.4465" and info["std"] == "0.2023,0.1994,0.201"
+    # JSON types, not strings (issue 12 item 8): numbers are numbers, mean and std lists.
+    assert info["arch"] == "wrn40_2" and info["num_classes"] == 10 and info["test_acc"] == 91.20
+    assert info["input_size"] == 32 and info["parameters"] == 2_243_546
+    assert info["mean"] == [0.4914, 0.4822, 0.4465] and info["std"] == [0.2023, 0.1994, 0.201]
     assert info["sha256"] == sha256_file(reference_teacher) and info["path"] == str(reference_teacher)
-    table = invoke("checkpoint", "info", reference_teacher)
-    assert table.exit_code == 0 and "wrn40_2" in table.stdout and "sha256" in table.stdout and "91.20" in table.stdout
+    shown = invoke("checkpoint", "info", reference_teacher)
+    assert shown.exit_code == 0 and "wrn40_2" in shown.stdout and "91.20" in shown.stdout
+    assert sha256_file(reference_teacher) in shown.stdout, "the whole sha256 (soft-wrapped: never cut)"
 
 
 def test_checkpoint_import(tmp_path: Path) -> None:

@@ -29,15 +29,16 @@ def test_hand_made_confusion() -> None:
     assert [c["name"] for c in m["per_class"]] == ["cat", "dog", "eel"]
     assert [c["support"] for c in m["per_class"]] == [4, 3, 3]
     # cat: P = 3/5, R = 3/4, F1 = 2·0.6·0.75/1.35 = 2/3
-    assert (cat["precision"], cat["recall"], cat["f1"]) == pytest.approx((0.6, 0.75, 2 / 3))
+    assert (cat["precision"], cat["recall"], cat["f1"]) == pytest.approx((60, 75, 200 / 3))
     # dog: P = 2/5, R = 2/3, F1 = 2·(0.4·2/3)/(0.4 + 2/3) = 0.5
-    assert (dog["precision"], dog["recall"], dog["f1"]) == pytest.approx((0.4, 2 / 3, 0.5))
+    assert (dog["precision"], dog["recall"], dog["f1"]) == pytest.approx((40, 200 / 3, 50))
     # eel is never predicted: precision 0/0 is reported as 0, not NaN; recall 0/3 = 0; F1 0.
     assert (eel["precision"], eel["recall"], eel["f1"]) == (0.0, 0.0, 0.0)
-    # macro: P = (0.6 + 0.4 + 0)/3 = 1/3; R = (0.75 + 2/3 + 0)/3 = 17/36; F1 = (2/3 + 1/2 + 0)/3 = 7/18
-    assert m["macro_precision"] == pytest.approx(1 / 3)
-    assert m["macro_recall"] == pytest.approx(17 / 36)
-    assert m["macro_f1"] == pytest.approx(7 / 18)
+    # macro: P = (0.6 + 0.4 + 0)/3 = 1/3; R = (0.75 + 2/3 + 0)/3 = 17/36; F1 = (2/3 + 1/2 + 0)/3 = 7/18 (as %)
+    assert m["macro_precision"] == pytest.approx(100 / 3)
+    assert m["macro_recall"] == pytest.approx(100 * 17 / 36)
+    assert m["macro_f1"] == pytest.approx(100 * 7 / 18)
+    assert m["units"]["accuracy, precision, recall, f1, macro_*"] == "percent"
     # kappa: p_o = 0.5; p_e = (4·5 + 3·5 + 3·0)/100 = 0.35; (0.5 − 0.35)/(1 − 0.35) = 0.15/0.65 = 3/13
     assert m["kappa"] == pytest.approx(3 / 13)
     assert all(math.isfinite(v) for v in (m["macro_precision"], m["macro_f1"], m["kappa"]))
@@ -49,7 +50,7 @@ def test_default_class_names_and_perfect_predictions() -> None:
     assert [c["name"] for c in m["per_class"]] == ["0", "1", "2"]
     assert m["accuracy"] == 100.0
     assert m["kappa"] == pytest.approx(1.0)
-    assert m["macro_f1"] == pytest.approx(1.0)
+    assert m["macro_f1"] == pytest.approx(100.0)
 
 
 def test_kappa_is_zero_when_chance_agreement_is_total() -> None:

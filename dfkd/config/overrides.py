@@ -19,14 +19,22 @@ from dfkd.errors import DfkdError
 C = TypeVar("C")
 
 
-def parse_set_options(items: list[str] | None) -> dict[str, str]:
-    """`["a=1", "b=x"]` -> `{"a": "1", "b": "x"}`; an item without `=` is an error."""
+def parse_set_options(items: list[str] | None, section: str = "") -> dict[str, str]:
+    """`["a=1", "b=x"]` -> `{"a": "1", "b": "x"}`; an item without `=` is an error.
+
+    With `section` (e.g. "synthesize.settings"), a key may also be written as a recipe names it
+    (`synthesize.settings.nz=16`, or `settings.nz=16`), so one spelling works in both places.
+    """
+    prefixes = (f"{section}.", f"{section.rsplit('.', 1)[-1]}.") if section else ()
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise DfkdError(f"--set {item!r} is not of the form key=value")
-        out[key.strip()] = value.strip()
+        for prefix in prefixes:
+            key = key.removeprefix(prefix)
+        out[key] = value.strip()
     return out
 
 

@@ -20,6 +20,7 @@ from dfkd.errors import DfkdError
 from dfkd.files import sha256_file, utc_now
 from dfkd.manifest import MANIFEST_FILE, Manifest, load_manifest
 from dfkd.report.notes import caveats, provenance
+from dfkd.rundir import ESTIMATE_FILE
 
 REPORT_SCHEMA = "dfkd.report/1"
 PHASES = ("generation", "compression", "teacher", "other")
@@ -251,7 +252,38 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
         "artifacts": artifacts,
         "preview": _preview(run, artifacts),
         "headline": headline(rows, _config(manifest), not problems),
+        # Only runs with a dry run's estimate carry it, so other reports are as they always were.
+        **({"estimate": estimate_vs_actual(run / ESTIMATE_FILE, rows)} if (run / ESTIMATE_FILE).is_file() else {}),
     }
+
+
+def _actual_of(stage: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the ledger says an estimated stage cost: its records (every attempt), or its interleaved phase."""
+    if stage.startswith("interleaved: "):
+        phase = stage.removeprefix("interleaved: ")
+        picked = phase_shares([r for r in rows if r["phase"] == INTERLEAVED], phase)
+    else:
+        picked = [r for r in rows if r["stage"] == stage or r["stage"].startswith(f"{stage}[")]
+    totals = sum_rows(picked)
+    return {
+        "seconds": totals["duration_s"] if picked else None,
+        "energy_kwh_with_pue": totals["energy_kwh_with_pue"]["total"] if picked else None,
+        "co2eq_g": totals["co2eq_g"] if picked else None,
+    }
+
+
+def estimate_vs_actual(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each stage of a dry run's estimate beside what the run's records say it cost (None: not run yet)."""
+    try:
+        estimate = json.loads(path.read_text())
+        stages = [
+            (s["stage"], {k: s[k] for k in ("seconds", "energy_kwh_with_pue", "co2eq_g")}) for s in estimate["stages"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DfkdError(
+            f"{path} is not a dfkd estimate ({exc}): remove it or rerun `dfkd run --dry-run --run`"
+        ) from None
+    return [{"stage": stage, "estimated": figures, "actual": _actual_of(stage, rows)} for stage, figures in stages]
 
 
 def headline(rows: list[dict[str, Any]], config: dict[str, Any], intact: bool) -> dict[str, Any]:

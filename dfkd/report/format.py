@@ -256,6 +256,39 @@ def overview_cells(run: dict[str, Any]) -> list[str]:
     ]
 
 
+ESTIMATE_HEADERS = (
+    "stage",
+    "time est.",
+    "time actual",
+    "kWh est. (PUE)",
+    "kWh actual (PUE)",
+    "CO2eq g est.",
+    "CO2eq g actual",
+)
+
+
+def estimate_rows(run: dict[str, Any]) -> list[list[str]]:
+    """A dry run's estimate beside the actual cost, one row per stage (`not run yet` where it has not run)."""
+
+    def shown(figures: dict[str, Any], key: str) -> str:
+        value = figures[key]
+        if value is None:
+            return "not run yet" if figures["seconds"] is None else NOT_METERED
+        return duration(value) if key == "seconds" else number(value)
+
+    return [
+        [
+            row["stage"],
+            *(
+                shown(row[side], key)
+                for key in ("seconds", "energy_kwh_with_pue", "co2eq_g")
+                for side in ("estimated", "actual")
+            ),
+        ]
+        for row in run.get("estimate", [])
+    ]
+
+
 def artifact_rows(run: dict[str, Any]) -> list[list[str]]:
     return [
         [path, str(entry.get("stage")), str(entry.get("role")), str(entry.get("bytes")), str(entry.get("sha256"))]

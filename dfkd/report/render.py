@@ -22,12 +22,14 @@ from dfkd.report.format import (
     ARTIFACT_HEADERS,
     COMPARISON_HEADERS,
     ENERGY_COLUMNS,
+    ESTIMATE_HEADERS,
     OVERVIEW_HEADERS,
     STAGE_HEADERS,
     TOTAL_HEADERS,
     WORK_COLUMNS,
     artifact_rows,
     comparison_cells,
+    estimate_rows,
     headline_lines,
     overview_cells,
     stage_cells,
@@ -105,11 +107,14 @@ def _run_renderables(run: dict[str, Any]) -> list[RenderableType]:
     )
     totals_title = "totals (kWh without PUE per part; CO2eq from the energy with PUE)"
     totals = _Records([(totals_title, TOTAL_HEADERS, totals_rows(run))], totals_title, key=0)
+    estimate_title = "estimate (dfkd run --dry-run) vs actual"
+    estimate = [_Records([(estimate_title, ESTIMATE_HEADERS, estimate_rows(run))], estimate_title, key=0)]
     return [
         header,
         headline,
         stages,
         totals,
+        *(estimate if "estimate" in run else []),
         _rich_table("how each figure was obtained", ("figure", "how", "stages"), how, highlight="not measured"),
         Text("caveats:\n" + "\n".join(f"  - {note}" for note in run["caveats"])),
     ]
@@ -170,6 +175,11 @@ def _run_markdown(run: dict[str, Any]) -> list[str]:
         "### Totals",
         "Per-part energy is without PUE; CO2eq is computed from the energy with PUE.",
         markdown_table(TOTAL_HEADERS, totals_rows(run)),
+        *(
+            ["### Estimate (`dfkd run --dry-run`) vs actual", markdown_table(ESTIMATE_HEADERS, estimate_rows(run))]
+            if "estimate" in run
+            else []
+        ),
         "### How each figure was obtained",
         "\n".join(f"- **{e['figure']}** ({', '.join(e['stages'])}): {e['how']}" for e in run["provenance"]),
         "### Caveats",

@@ -102,7 +102,7 @@ def evaluate_checkpoint(
     precision = default_precision(device)
     model = prepare_model(model, device, precision)
     metrics = evaluate_on(model, test_set, meta.mean, meta.std, device, show_progress, precision)
-    metrics["precision"] = precision
+    metrics["compute_precision"] = precision  # bf16 or fp32
     metrics["model"] = {"path": str(checkpoint), "arch": meta.arch, "num_classes": meta.num_classes}
     metrics["data"] = test_set.source
     return metrics

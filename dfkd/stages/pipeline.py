@@ -19,7 +19,7 @@ from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, atomic_write_json
 from dfkd.manifest import distillation_of, synthesis_of
 from dfkd.report.build import build_report
-from dfkd.rundir import SYNTHETIC_DIR, RunDir
+from dfkd.rundir import ESTIMATE_FILE, SYNTHETIC_DIR, RunDir
 from dfkd.stages.distill import check_same_distillation, distill_run, recorded_identity, student_source
 from dfkd.stages.evaluation import evaluate_run_student
 from dfkd.stages.interleaved import check_same_interleaved, prepare_interleaved, run_interleaved
@@ -76,6 +76,15 @@ def check_same_recipe(run: RunDir, recipe: Recipe) -> None:
 
 def _keys(section: Any) -> list[str]:
     return list(section) if isinstance(section, dict) else []
+
+
+def record_estimate(run: RunDir, recipe: Recipe, estimate: dict[str, Any]) -> None:
+    """Keep a dry run's estimate in the run dir (hashed), where the report sets it beside what the run cost."""
+    with run.locked():
+        check_same_recipe(run, recipe)
+        path = run.root / ESTIMATE_FILE
+        digest = atomic_write_json(path, estimate)
+        run.update_manifest(artifacts=run.artifact_entry(path, "estimate", "estimate", digest))
 
 
 def record_recipe(run: RunDir, recipe: Recipe) -> None:

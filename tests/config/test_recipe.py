@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dfkd.cli import app
-from dfkd.config.recipe import load_recipe, recipe_paths
+from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, load_recipe, recipe_paths
 from dfkd.errors import DfkdError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,3 +130,53 @@ def test_interleaved_recipes_validate_with_their_rounds() -> None:
 def test_an_interleave_section_in_a_two_stage_recipe_is_refused() -> None:
     with pytest.raises(DfkdError, match="interleave applies only with"):
         load_recipe(REPO / "recipes" / "quickstart.toml", ["interleave.kd_steps=3"])
+
+
+# --- paths resolve from the recipe's folder (issue 12 item 5) -------------------------------------------
+
+
+def test_relative_paths_resolve_from_the_recipe_folder_and_set_ones_from_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "project" / "recipes"
+    folder.mkdir(parents=True)
+    recipe = folder / "mine.toml"
+    recipe.write_text(
+        '[teacher]\ncheckpoint = "../teacher.safetensors"\n[synthesize]\nnum_images = 20\n'
+        '[distill]\nepochs = 1\nbatch_size = 8\ndata = "data"\n[evaluate]\ndata = "/abs/test"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_recipe(recipe, ["distill.val_data=val"])
+    assert loaded.teacher.checkpoint == str(tmp_path / "project" / "teacher.safetensors")
+    assert loaded.synthesis.teacher == loaded.distill.teacher == loaded.teacher.checkpoint
+    assert loaded.distill.data == str(folder / "data") and loaded.evaluate.data == "/abs/test"
+    assert loaded.distill.val_data == str(elsewhere / "val"), "a --set path is the user's, typed in the cwd"
+
+
+def test_a_shipped_recipe_finds_the_embedded_teacher_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    quickstart = load_recipe(REPO / "recipes" / "quickstart.toml")
+    assert quickstart.teacher.checkpoint == str(EMBEDDED_TEACHER_PATH) and EMBEDDED_TEACHER_PATH.is_file()
+    bare = tmp_path / "bare.toml"
+    bare.write_text("[synthesize]\nnum_images = 20\n[distill]\nepochs = 1\nbatch_size = 8\n")
+    assert load_recipe(bare).teacher.checkpoint == str(EMBEDDED_TEACHER_PATH), "no [teacher]: the embedded one"
+    result = CliRunner().invoke(app, ["validate", str(REPO / "recipes" / "quickstart.toml"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["missing"] == [], result.output
+
+
+def test_validate_of_a_named_recipe_fails_on_a_missing_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[teacher]\ncheckpoint = "nowhere.safetensors"\n[synthesize]\nnum_images = 20\n'
+        '[distill]\nepochs = 1\nbatch_size = 8\n[evaluate]\ndata = "no-data"\n'
+    )
+    message = fails("validate", str(recipe))
+    assert f"teacher.checkpoint {tmp_path / 'nowhere.safetensors'} does not exist" in message, message
+    assert f"evaluate.data {tmp_path / 'no-data'} does not exist" in message, message
+    # The shipped catalogue only notes the teachers its users provide (CIFAR-100's).
+    rows = json.loads(CliRunner().invoke(app, ["validate", "--json"]).stdout)
+    assert all(row["missing"] == [] for row in rows if Path(row["recipe"]).name.startswith("c10_"))

@@ -63,10 +63,10 @@ def test_reference_teacher_metrics_are_consistent(teacher_metrics: dict[str, Any
     assert [row["name"] for row in per_class] == CIFAR10_CLASSES
     assert [row["support"] for row in per_class] == rows == [1000] * 10
     for c, row in enumerate(per_class):
-        assert row["recall"] == pytest.approx(diagonal[c] / rows[c])
-        assert row["precision"] == pytest.approx(diagonal[c] / cols[c])
+        assert row["recall"] == pytest.approx(100 * diagonal[c] / rows[c])
+        assert row["precision"] == pytest.approx(100 * diagonal[c] / cols[c])
         assert row["f1"] == pytest.approx(2 * row["precision"] * row["recall"] / (row["precision"] + row["recall"]))
-    assert teacher_metrics["macro_recall"] == pytest.approx(teacher_metrics["accuracy"] / 100)  # balanced classes
+    assert teacher_metrics["macro_recall"] == pytest.approx(teacher_metrics["accuracy"])  # balanced classes, both %
     assert teacher_metrics["macro_f1"] == pytest.approx(sum(r["f1"] for r in per_class) / 10)
     observed = sum(diagonal) / n
     expected = sum(r * k for r, k in zip(rows, cols)) / n**2

@@ -441,3 +441,14 @@ def test_quality_figure_shows_the_teacher_recognises_the_targets(
     # The figure is the teacher's own judgement of the stored uint8 images.
     data = shards(run)[0]
     assert (data["logits"].argmax(1) == data["targets"]).float().mean() * 100 >= 50
+
+
+def test_method_settings_take_the_recipe_spelling_and_compile_has_its_flag(tmp_path: Path, tiny_teacher: Path) -> None:
+    """`--set nz=16`, `--set settings.nz=16` and `--set synthesize.settings.nz=16` are one setting; `--compile`
+    is the method setting compile=true (issue 12 item 7)."""
+    run = tmp_path / "run"
+    spelled = ["--set", "synthesize.settings.nz=16", "--set", "settings.ngf=8", *CMI_FAST[4:]]
+    synthesize(run, tiny_teacher, "--method", "cmi", "--num-images", "4", "--batch-size", "4", "--iterations", "1",
+               "--compile", *spelled)  # fmt: skip
+    method_config = json.loads((run / "manifest.json").read_text())["stages"]["synthesis"]["method_config"]
+    assert (method_config["nz"], method_config["ngf"], method_config["compile"]) == (16, 8, True)

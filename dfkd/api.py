@@ -1,0 +1,162 @@
+"""The Python API: what a notebook needs, the same functions the CLI calls.
+
+    import dfkd
+    teacher, meta = dfkd.load_model("checkpoints/wrn40_2_cifar10.safetensors")
+    dfkd.synthesize("runs/nb", method="fast", num_images=2_000, batch_size=200, iterations=10)
+    result = dfkd.distill("runs/nb", epochs=60, batch_size=64, eval_data="~/data/cifar10-jpeg")
+    dfkd.carbon_report("runs/nb")["runs"][0]["headline"]
+
+Every stage is metered into the run dir's ledger exactly as `dfkd synthesize` / `dfkd distill` /
+`dfkd run` do it, resumes where an earlier call stopped, and raises `DfkdError` (a one-line message
+naming the problem and the fix) on bad input before any work starts. Keyword arguments are the CLI's
+options and the recipe keys; `settings` takes a method's own settings (`{"nz": 256}`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dfkd.carbon.config import CarbonConfig
+from dfkd.checkpoints import CheckpointMeta, load_checkpoint
+from dfkd.config.distill import DistillConfig
+from dfkd.config.overrides import apply_overrides
+from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, load_recipe
+from dfkd.config.synthesis import SynthesisConfig
+from dfkd.config.tau import parse_tau_range
+from dfkd.device import resolve_device
+from dfkd.report.audit import audit_run
+from dfkd.report.build import build_report
+from dfkd.report.render import render
+from dfkd.rundir import RunDir
+from dfkd.stages.distill import distill_run
+from dfkd.stages.estimate import estimate_recipe
+from dfkd.stages.evaluate import evaluate_checkpoint
+from dfkd.stages.pipeline import check_inputs, record_estimate, run_recipe
+from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
+
+PathLike = str | Path
+
+
+def load_model(path: PathLike) -> tuple[nn.Module, CheckpointMeta]:
+    """A `.safetensors` checkpoint as (model in eval mode, its validated metadata): arch, classes, mean/std."""
+    return load_checkpoint(Path(path).expanduser())
+
+
+def synthesize(
+    run: PathLike,
+    *,
+    num_images: int,
+    method: str = "cmi",
+    teacher: PathLike = EMBEDDED_TEACHER_PATH,
+    batch_size: int = 256,
+    iterations: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    settings: dict[str, Any] | None = None,
+    carbon: CarbonConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stage 1 into `run`: invert `teacher` into `num_images` synthetic images (`iterations` steps a batch,
+    default the method's published setting); metered as stage `synthesis`. Returns its quality figures,
+    preview path, shard count and `work`."""
+    config = apply_overrides(
+        SynthesisConfig(),
+        {
+            "method": method,
+            "teacher": str(Path(teacher).expanduser()),
+            "num_images": num_images,
+            "batch_size": batch_size,
+            "seed": seed,
+            "device": device,
+            "method_settings": {key: str(value) for key, value in (settings or {}).items()},
+        },
+        "synthesis setting",
+    )
+    prepared = prepare_synthesis(config, iterations)
+    run_dir = RunDir.open(Path(run).expanduser())
+    with run_dir.locked():
+        result, work = run_synthesis(prepared, run_dir, carbon or CarbonConfig(), overwrite, show_progress=progress)
+    return {"run": str(run_dir.root), **result, "work": work}
+
+
+def distill(
+    run: PathLike,
+    *,
+    epochs: int,
+    student: str = "wrn16_1",
+    tau: str = "stochastic",
+    tau_range: str | tuple[float, float] = (2.0, 20.0),
+    batch_size: int = 256,
+    teacher: PathLike | None = None,
+    data: PathLike | None = None,
+    eval_data: PathLike | None = None,
+    carbon: CarbonConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Stage 2 in `run`: train `student` on the run's synthetic set (or real `data`: the data-driven
+    baseline) with τ `stochastic`, a number, or `grid`; metered as stage `distillation`. `options` are the
+    other `DistillConfig` fields (lr, alpha, loss, tau_per, seed, device, val_data, eval_every, compile,
+    train_subset, holdout, weight_decay). Returns the student's figures (held-out agreement, test
+    accuracy with `eval_data`, the grid winner for `grid`) and its path."""
+    spans = parse_tau_range(tau_range) if isinstance(tau_range, str) else tuple(tau_range)
+    paths = {"teacher": teacher, "data": data, "eval_data": eval_data, "val_data": options.pop("val_data", None)}
+    config = apply_overrides(
+        DistillConfig(),
+        {
+            "student": student,
+            "tau": tau,
+            "tau_range": spans,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            **{key: str(Path(value).expanduser()) if value else "" for key, value in paths.items()},
+            **options,
+        },
+        "distillation setting",
+    )
+    run_dir = RunDir.open(Path(run).expanduser(), create=data is not None)
+    with run_dir.locked():
+        summary = distill_run(config, run_dir, carbon or CarbonConfig(), overwrite, show_progress=progress)
+    return {"run": str(run_dir.root), **summary}
+
+
+def evaluate(model: PathLike, data: PathLike, *, device: str = "auto", progress: bool = False) -> dict[str, Any]:
+    """The paper's Table-5 metrics of a checkpoint on the test split of `data` (shares in %, `units` says so)."""
+    return evaluate_checkpoint(Path(model).expanduser(), Path(data).expanduser(), resolve_device(device), progress)
+
+
+def run(
+    recipe: PathLike, run_dir: PathLike, *, overrides: list[str] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """A recipe end to end in `run_dir` (synthesize, distill, evaluate; or the interleaved rounds), each stage
+    metered, resuming where an earlier call stopped; `overrides` are `section.key=value` strings."""
+    return run_recipe(load_recipe(Path(recipe).expanduser(), overrides), Path(run_dir).expanduser(), progress)
+
+
+def estimate(
+    recipe: PathLike, *, overrides: list[str] | None = None, run_dir: PathLike | None = None
+) -> dict[str, Any]:
+    """What the recipe will cost on this device, stage by stage, from a short measured probe (runs nothing);
+    with `run_dir`, kept there so the report shows estimate vs actual."""
+    loaded = load_recipe(Path(recipe).expanduser(), overrides)
+    check_inputs(loaded)
+    found = estimate_recipe(loaded)
+    if run_dir is not None:
+        record_estimate(RunDir.open(Path(run_dir).expanduser()), loaded, found)
+    return found
+
+
+def carbon_report(*runs: PathLike, format: str = "json") -> Any:
+    """The carbon report of run dirs: the JSON dict (`format="json"`), or text as `table`, `markdown`, `html`."""
+    built = build_report([Path(r).expanduser() for r in runs])
+    return built if format == "json" else render(built, format)
+
+
+def audit(run_dir: PathLike) -> list[str]:
+    """Every problem `dfkd audit` finds in a run dir (artifacts re-hashed, ledger chain, sums); [] when clean."""
+    return audit_run(Path(run_dir).expanduser())
