@@ -14,9 +14,12 @@ options and the recipe keys; `settings` takes a method's own settings (`{"nz": 2
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from dfkd.carbon.config import CarbonConfig
@@ -27,17 +30,31 @@ from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, load_recipe
 from dfkd.config.synthesis import SynthesisConfig
 from dfkd.config.tau import parse_tau_range
 from dfkd.device import resolve_device
+from dfkd.errors import TooCostly
 from dfkd.report.audit import audit_run
 from dfkd.report.build import build_report
+from dfkd.report.format import duration
 from dfkd.report.render import render
 from dfkd.rundir import RunDir
-from dfkd.stages.distill import distill_run
-from dfkd.stages.estimate import estimate_recipe
+from dfkd.stages.distill import PreparedDistill, distill_run
+from dfkd.stages.estimate import distillation_seconds, estimate_recipe, synthesis_seconds
 from dfkd.stages.evaluate import evaluate_checkpoint
 from dfkd.stages.pipeline import check_inputs, record_estimate, run_recipe
 from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
 
 PathLike = str | Path
+
+
+def _check_cpu_cost(device: torch.device, limit_s: float | None, what: str, seconds: Callable[[], float]) -> None:
+    """On a CPU, refuse (`TooCostly`) a job whose measured estimate exceeds `limit_s` (None: no check)."""
+    if limit_s is None or device.type != "cpu":
+        return
+    estimate = seconds()
+    if estimate > limit_s:
+        raise TooCostly(
+            f"{what} would take about {duration(estimate)} on this CPU (measured on a short probe): start it anyway "
+            "with --yes (API: cpu_limit_s=None), or lower its scale, or run it on a GPU"
+        )
 
 
 def load_model(path: PathLike) -> tuple[nn.Module, CheckpointMeta]:
@@ -59,10 +76,12 @@ def synthesize(
     carbon: CarbonConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    cpu_limit_s: float | None = None,
 ) -> dict[str, Any]:
     """Stage 1 into `run`: invert `teacher` into `num_images` synthetic images (`iterations` steps a batch,
     default the method's published setting); metered as stage `synthesis`. Returns its quality figures,
-    preview path, shard count and `work`."""
+    preview path, shard count and `work`. With `cpu_limit_s`, a CPU job estimated to take longer raises
+    `TooCostly` before anything is written."""
     config = apply_overrides(
         SynthesisConfig(),
         {
@@ -77,6 +96,7 @@ def synthesize(
         "synthesis setting",
     )
     prepared = prepare_synthesis(config, iterations)
+    _check_cpu_cost(prepared.device, cpu_limit_s, "this synthesis", lambda: synthesis_seconds(prepared))
     run_dir = RunDir.open(Path(run).expanduser())
     with run_dir.locked():
         result, work = run_synthesis(prepared, run_dir, carbon or CarbonConfig(), overwrite, show_progress=progress)
@@ -97,13 +117,15 @@ def distill(
     carbon: CarbonConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    cpu_limit_s: float | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Stage 2 in `run`: train `student` on the run's synthetic set (or real `data`: the data-driven
     baseline) with τ `stochastic`, a number, or `grid`; metered as stage `distillation`. `options` are the
     other `DistillConfig` fields (lr, alpha, loss, tau_per, seed, device, val_data, eval_every, compile,
     train_subset, holdout, weight_decay). Returns the student's figures (held-out agreement, test
-    accuracy with `eval_data`, the grid winner for `grid`) and its path."""
+    accuracy with `eval_data`, the grid winner for `grid`) and its path. With `cpu_limit_s`, a CPU job
+    estimated to take longer raises `TooCostly` before anything is written."""
     spans = parse_tau_range(tau_range) if isinstance(tau_range, str) else tuple(tau_range)
     paths = {"teacher": teacher, "data": data, "eval_data": eval_data, "val_data": options.pop("val_data", None)}
     config = apply_overrides(
@@ -120,8 +142,14 @@ def distill(
         "distillation setting",
     )
     run_dir = RunDir.open(Path(run).expanduser(), create=data is not None)
+
+    def check(prepared: PreparedDistill) -> None:
+        images = len(prepared.data.train) + len(prepared.data.holdout)
+        seconds = partial(distillation_seconds, prepared.config, prepared.teacher, prepared.teacher_meta, images)
+        _check_cpu_cost(prepared.device, cpu_limit_s, "this distillation", seconds)
+
     with run_dir.locked():
-        summary = distill_run(config, run_dir, carbon or CarbonConfig(), overwrite, show_progress=progress)
+        summary = distill_run(config, run_dir, carbon or CarbonConfig(), overwrite, progress, check)
     return {"run": str(run_dir.root), **summary}
 
 

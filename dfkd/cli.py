@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -122,6 +123,30 @@ GRID = typer.Option(
     None, "--grid-intensity", help="Explicit grid carbon intensity in g CO2eq/kWh (overrides --country)."
 )
 JSON = typer.Option(False, "--json", help="Quiet machine-readable JSON on stdout.")
+YES = typer.Option(
+    False, "--yes", "-y", help="Start even when the job is estimated to take over an hour on a CPU (no question)."
+)
+# A CPU job estimated (from a measured probe) to take longer than this asks first, or needs --yes.
+CPU_LIMIT_S = 3600.0
+T = TypeVar("T")
+
+
+def with_cost_guard(call: Callable[[float | None], T], yes: bool, as_json: bool) -> T:
+    """`call(limit)`; a CPU job estimated over `CPU_LIMIT_S` needs --yes, or a yes at the prompt in a terminal."""
+    from dfkd.errors import TooCostly
+
+    if yes:
+        return call(None)
+    try:
+        return call(CPU_LIMIT_S)
+    except TooCostly as exc:
+        if as_json or not sys.stdin.isatty():
+            raise
+        if not typer.confirm(f"{exc}. Start it anyway?", err=True):
+            raise typer.Exit(2) from None
+        return call(None)
+
+
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")
 
 
@@ -352,6 +377,7 @@ def synthesize_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Discard existing synthetic data in the run dir and start over."
     ),
+    yes: bool = YES,
     device: str = DEVICE,
     pue: float = PUE,
     country: str = COUNTRY,
@@ -362,22 +388,27 @@ def synthesize_command(
     from dfkd import api
     from dfkd.config.overrides import parse_set_options
 
-    result = api.synthesize(
-        run or default_run_dir(method),
-        method=method,
-        teacher=teacher,
-        num_images=num_images,
-        batch_size=batch_size,
-        iterations=iterations,
-        seed=seed,
-        device=device,
-        settings={
-            **({"compile": "true"} if compile_model else {}),
-            **parse_set_options(settings, "synthesize.settings"),
-        },
-        carbon=carbon_config(pue, country, grid),
-        overwrite=overwrite,
-        progress=not as_json,
+    result = with_cost_guard(
+        lambda limit: api.synthesize(
+            run or default_run_dir(method),
+            method=method,
+            teacher=teacher,
+            num_images=num_images,
+            batch_size=batch_size,
+            iterations=iterations,
+            seed=seed,
+            device=device,
+            settings={
+                **({"compile": "true"} if compile_model else {}),
+                **parse_set_options(settings, "synthesize.settings"),
+            },
+            carbon=carbon_config(pue, country, grid),
+            overwrite=overwrite,
+            progress=not as_json,
+            cpu_limit_s=limit,
+        ),
+        yes,
+        as_json,
     )
     quality = result["quality"]
     if as_json:
@@ -424,6 +455,7 @@ def distill_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Discard this run's earlier distillation and start over."
     ),
+    yes: bool = YES,
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile student and teacher on CUDA."),
     device: str = DEVICE,
     pue: float = PUE,
@@ -435,29 +467,34 @@ def distill_command(
     from dfkd import api
 
     # A real-data baseline (--data) may start a fresh run dir; data-free distillation needs the synthesis's.
-    summary = api.distill(
-        run,
-        epochs=epochs,
-        student=student,
-        tau=tau,
-        tau_range=tau_range,
-        batch_size=batch_size,
-        teacher=teacher,
-        data=data,
-        eval_data=eval_data,
-        val_data=val_data,
-        carbon=carbon_config(pue, country, grid),
-        overwrite=overwrite,
-        progress=not as_json,
-        tau_per=tau_per,
-        loss=loss,
-        alpha=alpha,
-        lr=lr,
-        seed=seed,
-        device=device,
-        eval_every=eval_every,
-        compile=compile_model,
-        train_subset=train_subset,
+    summary = with_cost_guard(
+        lambda limit: api.distill(
+            run,
+            epochs=epochs,
+            student=student,
+            tau=tau,
+            tau_range=tau_range,
+            batch_size=batch_size,
+            teacher=teacher,
+            data=data,
+            eval_data=eval_data,
+            val_data=val_data,
+            carbon=carbon_config(pue, country, grid),
+            overwrite=overwrite,
+            progress=not as_json,
+            tau_per=tau_per,
+            loss=loss,
+            alpha=alpha,
+            lr=lr,
+            seed=seed,
+            device=device,
+            eval_every=eval_every,
+            compile=compile_model,
+            train_subset=train_subset,
+            cpu_limit_s=limit,
+        ),
+        yes,
+        as_json,
     )
     if as_json:
         print_json(summary)

@@ -3,3 +3,7 @@
 
 class DfkdError(Exception):
     """An error caused by the user's input, with a message that names the problem and the fix."""
+
+
+class TooCostly(DfkdError):
+    """A job estimated to run longer on a CPU than the caller allows: it needs the user's yes."""

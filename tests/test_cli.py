@@ -22,6 +22,7 @@ from typer.testing import CliRunner, Result
 from dfkd.carbon.ledger import read_ledger, verify_ledger
 from dfkd.checkpoints import load_checkpoint, read_meta
 from dfkd.cli import app
+from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
 from dfkd.data import load_split, stratified_subset
 from dfkd.errors import DfkdError
 from dfkd.files import sha256_file
@@ -509,3 +510,21 @@ def test_every_option_says_what_it_does() -> None:
         if isinstance(param, click.Option) and not param.help
     ]
     assert not silent, silent
+
+
+def test_a_paper_scale_job_on_the_cpu_says_its_cost_and_needs_yes(tmp_path: Path) -> None:
+    """The defaults are the paper's (50,000 images, 200 epochs): on a CPU that is days, so the command
+    measures a probe, says so, and starts only with --yes (issue 12 item 7); nothing is written."""
+    from conftest import cli_fails, image_folder
+
+    run = tmp_path / "paper"
+    message = cli_fails("synthesize", "--device", "cpu", "--run", str(run))
+    assert "this synthesis would take about" in message and " h " in message and "--yes" in message, message
+    assert not run.exists()
+    data = image_folder(tmp_path / "data", classes=10, per_class=8)  # 80 images: a million epochs is days too
+    message = cli_fails(
+        "distill", "--device", "cpu", "--run", str(run), "--data", str(data), "--teacher", str(EMBEDDED_TEACHER_PATH),
+        "--epochs", "1000000", "--batch-size", "32",
+    )  # fmt: skip
+    assert "this distillation would take about" in message and "--yes" in message, message
+    assert not (run / "carbon.jsonl").exists()

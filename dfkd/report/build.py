@@ -215,6 +215,26 @@ def _preview(run: Path, artifacts: dict[str, Any]) -> dict[str, Any] | None:
     return {"path": "synthetic/preview.png", "sha256": entry.get("sha256")}
 
 
+CURVE_KEYS = ("loss", "test_acc", "holdout_agreement")
+
+
+def _curves(run: Path, artifacts: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's training log (`metrics.jsonl`, one line per epoch or round) as points: step, loss and the
+    accuracy figures it logged; only logs that still match their manifest hash."""
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for relative, entry in sorted(artifacts.items()):
+        path = run / relative
+        if entry.get("role") != "metrics" or not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            continue
+        points = []
+        for line in path.read_text().splitlines():
+            logged = json.loads(line)
+            step = logged.get("epoch", logged.get("round"))
+            points.append({"step": step, **{key: logged[key] for key in CURVE_KEYS if key in logged}})
+        curves[path.parent.name] = points
+    return curves
+
+
 def run_entry(run: Path, name: str) -> dict[str, Any]:
     """The report's section for one run dir: its rows, totals, phase split, provenance and caveats."""
     run = Path(run)
@@ -252,7 +272,8 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
         "artifacts": artifacts,
         "preview": _preview(run, artifacts),
         "headline": headline(rows, _config(manifest), not problems),
-        # Only runs with a dry run's estimate carry it, so other reports are as they always were.
+        # Only runs with training logs / a dry run's estimate carry these, so other reports are as they were.
+        **({"curves": curves} if (curves := _curves(run, artifacts)) else {}),
         **({"estimate": estimate_vs_actual(run / ESTIMATE_FILE, rows)} if (run / ESTIMATE_FILE).is_file() else {}),
     }
 

@@ -1,14 +1,17 @@
 """The report as one self-contained HTML file an auditor can open in any browser, offline.
 
 Everything is inline: CSS, the SVG charts (energy per stage stacked CPU/GPU/RAM, CO2eq per stage,
-generation vs compression per run) and each run's synthetic preview as a data URI. A
-Content-Security-Policy forbids the page any network access, so what is seen is what was sent.
+generation vs compression per run, each trial's training loss and accuracy per epoch, and accuracy
+against CO2eq when several runs are shown) and each run's synthetic preview as a data URI, its rows
+labelled with their classes. Axes tick at 1, 2 or 5 times a power of ten. A Content-Security-Policy
+forbids the page any network access, so what is seen is what was sent.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
@@ -19,11 +22,14 @@ from dfkd.files import sha256_file
 from dfkd.report.format import (
     ARTIFACT_HEADERS,
     COMPARISON_HEADERS,
+    ENERGY_COLUMNS,
     OVERVIEW_HEADERS,
     STAGE_HEADERS,
     TOTAL_HEADERS,
+    WORK_COLUMNS,
     artifact_rows,
     comparison_cells,
+    headline_lines,
     number,
     overview_cells,
     stage_cells,
@@ -31,6 +37,8 @@ from dfkd.report.format import (
 )
 
 PART_COLOURS = {"CPU": "#4e79a7", "GPU": "#f28e2b", "RAM": "#59a14f"}
+LINE_COLOURS = ("#4e79a7", "#e15759", "#59a14f", "#b07aa1", "#f28e2b", "#76b7b2", "#9c755f", "#edc948")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PHASE_COLOURS = {"generation": "#e15759", "compression": "#76b7b2", "teacher": "#b07aa1", "other": "#9c755f"}
 _CHART_WIDTH, _LABEL_WIDTH, _BAR_WIDTH, _ROW_HEIGHT, _TOP = 1100, 330, 500, 24, 56
 
@@ -40,6 +48,10 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 28px 0 8px; border-bottom: 1px solid #d5dae1; }
 h3 { font-size: 15px; margin: 18px 0 6px; } .meta { color: #5b6573; }
 .scroll { overflow-x: auto; } table { border-collapse: collapse; font-size: 12.5px; margin: 6px 0 10px; }
+table.fit { max-width: 100%; } table.fit td { overflow-wrap: break-word; }
+.preview { display: flex; gap: 6px; }
+.rows { display: grid; height: 320px; font-size: 11px; text-align: right; white-space: nowrap; }
+.rows span { display: flex; align-items: center; justify-content: flex-end; }
 th, td { border: 1px solid #d5dae1; padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: #eef1f5; } tr.interrupted td { background: #fff4d6; } .warn { color: #b3261e; font-weight: 600; }
 code, pre, td.hash { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, monospace; font-size: 12px; }
@@ -65,15 +77,34 @@ class Bar:
 
 
 def _table(
-    headers: Sequence[str], rows: list[list[str]], row_classes: Sequence[str] = (), hash_column: int = -1
+    headers: Sequence[str],
+    rows: list[list[str]],
+    row_classes: Sequence[str] = (),
+    hash_column: int = -1,
+    fit: bool = False,
 ) -> str:
+    """A table; `fit` wraps long cells so it never needs a horizontal scrollbar (else it scrolls)."""
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = []
     for i, row in enumerate(rows):
         css = f' class="{row_classes[i]}"' if i < len(row_classes) and row_classes[i] else ""
         cells = "".join(f"<td{_HASH_CELL if j == hash_column else ''}>{escape(c)}</td>" for j, c in enumerate(row))
         body.append(f"<tr{css}>{cells}</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    table = f"<table{' class=fit' if fit else ''}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return table if fit else f'<div class="scroll">{table}</div>'
+
+
+def nice_ticks(largest: float, count: int = 4) -> list[float]:
+    """0 and then steps of 1, 2 or 5 times a power of ten up to the first tick at or above `largest`."""
+    if largest <= 0:
+        return [0.0, 1.0]
+    raw = largest / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    ticks = [0.0]
+    while ticks[-1] < largest * (1 - 1e-9):
+        ticks.append(round(ticks[-1] + step, 12))
+    return ticks
 
 
 def _legend(items: dict[str, str], y: int) -> str:
@@ -89,15 +120,14 @@ def _legend(items: dict[str, str], y: int) -> str:
 
 def bar_chart(chart_id: str, title: str, unit: str, bars: list[Bar], legend: dict[str, str]) -> str:
     """A horizontal bar chart on one linear scale, bars stacked from their segments, as inline SVG."""
-    largest = max((sum(value for _, value, _ in bar.segments) for bar in bars), default=0.0) or 1.0
+    ticks = nice_ticks(max((sum(value for _, value, _ in bar.segments) for bar in bars), default=0.0))
+    largest = ticks[-1]
     height = _TOP + _ROW_HEIGHT * len(bars) + 30
     parts = [f'<text class="title" x="0" y="18">{escape(title)}</text>', _legend(legend, 42)]
-    for i in range(5):
-        x = _LABEL_WIDTH + _BAR_WIDTH * i / 4
+    for tick in ticks:
+        x = _LABEL_WIDTH + _BAR_WIDTH * tick / largest
         parts.append(f'<line x1="{x:.1f}" y1="{_TOP - 4}" x2="{x:.1f}" y2="{height - 26}" stroke="#e3e7ec"></line>')
-        parts.append(
-            f'<text class="axis" x="{x:.1f}" y="{height - 10}" text-anchor="middle">{number(largest * i / 4)}</text>'
-        )
+        parts.append(f'<text class="axis" x="{x:.1f}" y="{height - 10}" text-anchor="middle">{number(tick)}</text>')
     parts.append(f'<text class="axis" x="{_LABEL_WIDTH - 8}" y="{height - 10}" text-anchor="end">{escape(unit)}</text>')
     for row, bar in enumerate(bars):
         y = _TOP + row * _ROW_HEIGHT
@@ -122,6 +152,79 @@ def bar_chart(chart_id: str, title: str, unit: str, bars: list[Bar], legend: dic
         f'<svg id="{chart_id}" role="img" aria-label="{escape(title)}" width="{_CHART_WIDTH}" height="{height}" '
         f'viewBox="0 0 {_CHART_WIDTH} {height}">{"".join(parts)}</svg>'
     )
+
+
+Series = tuple[str, str, list[tuple[float, float]]]  # name, colour, (x, y) points
+
+
+def xy_chart(chart_id: str, title: str, x_unit: str, y_unit: str, series: list[Series], lines: bool = True) -> str:
+    """Points (joined by lines, or a scatter) on linear axes from 0 with 1-2-5 ticks, as inline SVG."""
+    left, top, width, height = 70, 50, 640, 220
+    x_ticks = nice_ticks(max((x for _, _, points in series for x, _ in points), default=0.0))
+    y_ticks = nice_ticks(max((y for _, _, points in series for _, y in points), default=0.0))
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + width * x / x_ticks[-1], top + height - height * y / y_ticks[-1]
+
+    parts = [f'<text class="title" x="0" y="18">{escape(title)}</text>']
+    for tick in x_ticks:
+        x, _ = at(tick, 0)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + height}" stroke="#e3e7ec"></line>')
+        parts.append(
+            f'<text class="axis" x="{x:.1f}" y="{top + height + 16}" text-anchor="middle">{number(tick)}</text>'
+        )
+    for tick in y_ticks:
+        _, y = at(0, tick)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" stroke="#e3e7ec"></line>')
+        parts.append(f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{number(tick)}</text>')
+    parts.append(
+        f'<text class="axis" x="{left + width}" y="{top + height + 34}" text-anchor="end">{escape(x_unit)}</text>'
+        f'<text class="axis" x="{left - 6}" y="{top - 10}" text-anchor="end">{escape(y_unit)}</text>'
+    )
+    for index, (name, colour, points) in enumerate(series):
+        placed = [at(x, y) for x, y in points]
+        if lines and len(placed) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in placed)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"></polyline>')
+        for (x, y), (raw_x, raw_y) in zip(placed, points):
+            parts.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{2.5 if lines else 5}" fill="{colour}">'
+                f"<title>{escape(f'{name}: {number(raw_x)} {x_unit}, {number(raw_y)} {y_unit}')}</title></circle>"
+            )
+        legend_y = top + 14 + 18 * index
+        parts.append(
+            f'<rect x="{left + width + 20}" y="{legend_y - 10}" width="12" height="12" fill="{colour}"></rect>'
+            f'<text x="{left + width + 37}" y="{legend_y}">{escape(name)}</text>'
+        )
+    total_height = top + height + 44
+    return (
+        f'<svg id="{chart_id}" role="img" aria-label="{escape(title)}" width="{_CHART_WIDTH}" height="{total_height}" '
+        f'viewBox="0 0 {_CHART_WIDTH} {total_height}">{"".join(parts)}</svg>'
+    )
+
+
+def curve_series(report: dict[str, Any], key: str) -> list[Series]:
+    """One line per run and trial: `key` (loss, test_acc or holdout_agreement) over the epochs or rounds."""
+    several = len(report["runs"]) > 1
+    series: list[Series] = []
+    for run in report["runs"]:
+        for trial, points in run.get("curves", {}).items():
+            values = [(float(p["step"]), float(p[key])) for p in points if key in p and p[key] is not None]
+            if values:
+                name = f"{run['name']} · {trial}" if several else trial
+                series.append((name, LINE_COLOURS[len(series) % len(LINE_COLOURS)], values))
+    return series
+
+
+def accuracy_co2_series(report: dict[str, Any]) -> list[Series]:
+    """Per run with both figures, its student's headline figure against its total CO2eq."""
+    series: list[Series] = []
+    for run in report["runs"]:
+        head = run["headline"]
+        if head["student"] is not None and head["co2eq_g"] is not None:
+            point = [(float(head["co2eq_g"]), float(head["student"]["value"]))]
+            series.append((run["name"], LINE_COLOURS[len(series) % len(LINE_COLOURS)], point))
+    return series
 
 
 def _row_label(run: dict[str, Any], row: dict[str, Any], several: bool) -> str:
@@ -188,11 +291,31 @@ def _preview_html(run: dict[str, Any]) -> str:
             "not shown; run dfkd audit.</p>"
         )
     data = base64.b64encode(path.read_bytes()).decode()
+    names = class_names(run)
+    rows = "".join(f"<span>{escape(name)}</span>" for name in names)
     return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="synthetic preview of {escape(run["name"])}">'
-        f"<figcaption>{escape(run['name'])}: {escape(preview['path'])} (one row per class), "
+        f'<figure><div class="preview"><div class="rows" style="grid-template-rows: repeat({len(names)}, 1fr)">'
+        f'{rows}</div><img src="data:image/png;base64,{data}" alt="synthetic preview of {escape(run["name"])}">'
+        f"</div><figcaption>{escape(run['name'])}: {escape(preview['path'])} (one row per class), "
         f"sha256 <code>{escape(preview['sha256'])}</code></figcaption></figure>"
     )
+
+
+def class_names(run: dict[str, Any]) -> list[str]:
+    """The preview's row labels: CIFAR-10's class names for a 10-class teacher whose checkpoint says it was
+    trained on CIFAR-10, else the class indices (checkpoints do not record class names yet)."""
+    teacher = run["config"]["stages"].get("synthesis", {}).get("teacher", {})
+    classes = int(teacher.get("num_classes") or 0) or 10
+    dataset = str(teacher.get("dataset", "")).lower().replace("-", "").replace("_", "")
+    if classes == 10 and "cifar10" in dataset:
+        return list(CIFAR10_CLASSES)
+    return [f"class {c}" for c in range(classes)]
+
+
+def _stage_table(columns: Sequence[int], rows: list[list[str]], row_classes: list[str]) -> str:
+    """Some of the stage columns: two such tables fit a page, where one of all 18 needed a scrollbar."""
+    headers = [STAGE_HEADERS[i] for i in columns]
+    return _table(headers, [[cells[i] for i in columns] for cells in rows], row_classes, fit=True)
 
 
 def _run_html(run: dict[str, Any], index: int) -> str:
@@ -205,6 +328,8 @@ def _run_html(run: dict[str, Any], index: int) -> str:
     )
     caveats = "".join(f"<li>{escape(note)}</li>" for note in run["caveats"])
     row_classes = ["interrupted" if r["status"] != "complete" else "" for r in run["rows"]]
+    stage_rows = [stage_cells(r) for r in run["rows"]]
+    headline = "".join(f"<li><b>{escape(label)}</b>: {escape(text)}</li>" for label, text in headline_lines(run))
     return f"""
 <section class="run" id="run-{index}">
 <h2>Run {escape(run["name"])}</h2>
@@ -214,8 +339,11 @@ last record <code>{escape(str(ledger["head_record_sha256"]))}</code> ·
 manifest sha256 <code>{escape(str(manifest["sha256"]))}</code> ·
 git commit <code>{escape(str(manifest["git_commit"]))}</code></p>
 <ul>{problems}</ul>
-<h3>Stages (one row per ledger record)</h3>
-{_table(STAGE_HEADERS, [stage_cells(r) for r in run["rows"]], row_classes)}
+<ul class="headline">{headline}</ul>
+<h3>Stages: the work (one row per ledger record)</h3>
+{_stage_table(WORK_COLUMNS, stage_rows, row_classes)}
+<h3>Stages: energy and carbon</h3>
+{_stage_table(ENERGY_COLUMNS, stage_rows, row_classes)}
 <h3>Totals</h3>
 <p class="meta">Per-part energy without PUE; CO2eq from the energy with PUE.</p>
 {_table(TOTAL_HEADERS, totals_rows(run))}
@@ -225,7 +353,7 @@ git commit <code>{escape(str(manifest["git_commit"]))}</code></p>
 <ul>{caveats}</ul>
 <h3>Resolved config</h3>
 <details open><summary>manifest stages and carbon settings</summary>
-<pre>{escape(json.dumps(run["config"], indent=2))}</pre></details>
+<pre>{escape(json.dumps(run["config"], indent=2, ensure_ascii=False))}</pre></details>
 <h3>Artifacts and their sha256</h3>
 {_table(ARTIFACT_HEADERS, artifact_rows(run), hash_column=4)}
 </section>"""
@@ -249,6 +377,27 @@ def _comparison_html(report: dict[str, Any]) -> str:
 </section>"""
 
 
+def _curve_charts(report: dict[str, Any]) -> list[str]:
+    """Training curves from the trials' logs, and accuracy against CO2eq when several runs are shown."""
+    charts = []
+    loss = curve_series(report, "loss")
+    if loss:
+        charts.append(xy_chart("loss-chart", "Training loss per epoch (or round)", "epoch", "loss", loss))
+    for key, what in (
+        ("test_acc", "Test accuracy"),
+        ("holdout_agreement", "Agreement with the teacher on held-out images"),
+    ):
+        series = curve_series(report, key)
+        if any(len(points) > 1 for _, _, points in series):
+            charts.append(xy_chart(f"{key}-chart", f"{what} per epoch (or round)", "epoch", "%", series))
+    scatter = accuracy_co2_series(report)
+    if len(scatter) > 1:
+        charts.append(
+            xy_chart("accuracy-co2-chart", "Student's figure against the run's CO2eq", "g CO2eq", "%", scatter, False)
+        )
+    return charts
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole report as one HTML document with no external resources."""
     runs = report["runs"]
@@ -268,6 +417,7 @@ def render_html(report: dict[str, Any]) -> str:
             bar_chart(
                 "split-chart", "CO2eq per run: generation vs compression", "g CO2eq", split_bars(report), phase_legend
             ),
+            *_curve_charts(report),
         )
     )
     return f"""<!doctype html>
@@ -282,7 +432,7 @@ def render_html(report: dict[str, Any]) -> str:
 <h1>dfkd carbon report</h1>
 <p class="meta">schema {escape(report["schema"])} · generated {escape(report["generated_utc"])}
 by dfkd {escape(report["dfkd_version"])}</p>
-<h2>Runs side by side</h2>
+<h2>{"Runs side by side" if len(runs) > 1 else "The run"}</h2>
 {_table(OVERVIEW_HEADERS, [overview_cells(run) for run in runs])}
 <h2>Charts</h2>
 {charts}

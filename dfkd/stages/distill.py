@@ -712,13 +712,21 @@ def run_distillation(
 
 
 def distill_run(
-    config: DistillConfig, run: RunDir, carbon: CarbonConfig, overwrite: bool = False, show_progress: bool = True
+    config: DistillConfig,
+    run: RunDir,
+    carbon: CarbonConfig,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    check: Callable[[PreparedDistill], None] | None = None,
 ) -> dict[str, Any]:
     """Stage 2 as `dfkd distill` and `dfkd run` do it: every trial metered, resumed where it stopped.
 
-    The caller holds the run's lock.
+    `check(prepared)` runs once everything is validated and loaded, before anything is written (a cost
+    guard). The caller holds the run's lock.
     """
     prepared = prepare_distill(config, run, fresh=overwrite)
+    if check is not None and (overwrite or finished_result(run) is None):
+        check(prepared)
     recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
     if overwrite:  # only once the new settings are known to work, so bad input loses nothing
         run.discard("distillation")

@@ -30,7 +30,7 @@ from dfkd.config.distill import DistillConfig
 from dfkd.config.recipe import Recipe
 from dfkd.config.tau import TauSpec
 from dfkd.data import split_size
-from dfkd.device import Precision, default_precision, prepare_model
+from dfkd.device import Precision, default_precision, prepare_model, resolve_device
 from dfkd.models import create_model
 from dfkd.optim import sgd_with_cosine
 from dfkd.stages.distill import kd_batch_loss
@@ -61,32 +61,46 @@ class Probe:
         return self.seconds / self.units
 
 
+def _timed(step: Callable[[], int], device: torch.device) -> tuple[int, float]:
+    started = time.perf_counter()
+    units = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return units, time.perf_counter() - started
+
+
 def metered_probe(carbon: CarbonConfig, device: torch.device, step: Callable[[], int]) -> Probe:
     """Run `step` (it returns its units of work) once to warm up, then once timed inside the meters."""
     step()
     meters = EnergyMeters(carbon, device, threading.Event())
     meters.start()
     window = time.perf_counter()
-    started = time.perf_counter()
-    units = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
+    units, seconds = _timed(step, device)
     section = meters.stop()
-    window = time.perf_counter() - window
+    window = time.perf_counter() - window  # the meters' span: power is their energy over it
     energy = section["energy_kwh_with_pue"]["total"]
     watts = None if energy is None else energy * 3.6e6 / window
     return Probe(units, seconds, watts, section["carbon_intensity_g_per_kwh"])
 
 
-def synthesis_probe(prepared: PreparedSynthesis, student: torch.nn.Module | None = None) -> Callable[[], int]:
-    """One batch of `PROBE_STEPS` steps of the recipe's method, at its batch size (against `student`)."""
+def seconds_per_unit(step: Callable[[], int], device: torch.device) -> float:
+    """Unmetered: `step` once to warm up, then once timed (the quick look before a long job starts)."""
+    step()
+    units, seconds = _timed(step, device)
+    return seconds / units
+
+
+def synthesis_probe(
+    prepared: PreparedSynthesis, student: torch.nn.Module | None = None, batch_size: int | None = None
+) -> Callable[[], int]:
+    """One batch of `PROBE_STEPS` steps of the recipe's method, at its batch size or `batch_size` (against
+    `student`)."""
     short = dataclasses.replace(
         prepared, method_config=dataclasses.replace(prepared.method_config, iterations=PROBE_STEPS)
     )
     synthesizer = build_synthesizer(short)
-    count = min(prepared.config.batch_size, prepared.config.num_images)
-    targets = batch_targets(0, prepared.config.batch_size, count, prepared.teacher_meta.num_classes)
+    count = min(batch_size or prepared.config.batch_size, prepared.config.num_images)
+    targets = batch_targets(0, count, count, prepared.teacher_meta.num_classes)
 
     def step() -> int:
         synthesizer.synthesize(targets, student=student)
@@ -154,6 +168,27 @@ def _training_images(recipe: Recipe) -> int:
     if distill.train_subset:
         images = min(images, distill.train_subset)
     return images - max(1, round(images * distill.holdout))
+
+
+# The quick look before a long job probes a small batch: a few seconds on a CPU, where a paper-sized
+# batch would take minutes. It only has to tell an hour from a day.
+QUICK_BATCH = 32
+
+
+def synthesis_seconds(prepared: PreparedSynthesis) -> float:
+    """About how long the whole synthesis will take on its device, from a small probe batch."""
+    units = prepared.config.num_images * prepared.method_config.iterations
+    return units * seconds_per_unit(synthesis_probe(prepared, batch_size=QUICK_BATCH), prepared.device)
+
+
+def distillation_seconds(config: DistillConfig, teacher: torch.nn.Module, meta: CheckpointMeta, images: int) -> float:
+    """About how long every trial of a distillation on `images` source images will take, from a small probe."""
+    device = resolve_device(config.device)
+    trials = len(config.tau_spec.grid) if config.tau_spec.mode == "grid" else 1
+    train = images - max(1, round(images * config.holdout))
+    units = trials * config.epochs * (train // config.batch_size) * config.batch_size
+    step = kd_probe(config, teacher, meta, device, default_precision(device), min(config.batch_size, QUICK_BATCH))
+    return units * seconds_per_unit(step, device)
 
 
 def estimate_recipe(recipe: Recipe) -> dict[str, Any]:

@@ -126,6 +126,7 @@ def teacher_ref(prepared: PreparedSynthesis) -> TeacherRef:
         "arch": meta.arch,
         "num_classes": meta.num_classes,
         "test_acc": meta.test_acc,
+        "dataset": meta.dataset,
     }
 
 

@@ -27,7 +27,7 @@ from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_json
 from dfkd.report.build import REPORT_SCHEMA, build_report, load_report
 from dfkd.report.format import number, result
-from dfkd.report.html import PART_COLOURS, PHASE_COLOURS
+from dfkd.report.html import CIFAR10_CLASSES, PART_COLOURS, PHASE_COLOURS, class_names, nice_ticks
 from dfkd.report.render import render, render_markdown
 from dfkd.rundir import RunDir
 from dfkd.stages.distill import distill_run
@@ -280,6 +280,36 @@ def test_html_is_one_self_contained_file(report: dict[str, Any]) -> None:
             assert artifact["sha256"] in html
 
 
+@pytest.mark.parametrize("largest", [0.00103, 0.00205, 0.0205, 1.0, 7.3, 380.0, 91.31])
+def test_chart_axes_tick_at_1_2_5_times_a_power_of_ten(largest: float) -> None:
+    ticks = nice_ticks(largest)
+    step = ticks[1]
+    assert round(step / 10 ** math.floor(math.log10(step)), 9) in (1, 2, 5)
+    assert ticks[0] == 0 and ticks[-1] >= largest > ticks[-2] and 3 <= len(ticks) <= 6
+    assert all(math.isclose(tick, i * step) for i, tick in enumerate(ticks))
+
+
+def test_html_fits_the_page_names_classes_and_draws_training_curves(report: dict[str, Any]) -> None:
+    """Issue 12 item 9: no table behind a scrollbar, ± as ±, training curves, accuracy against CO2eq for
+    several runs, and a single run not called "runs side by side"."""
+    html = render(report, "html")
+    assert html.count("<table class=fit>") == 2 * len(report["runs"]), "two stage tables per run, wrapped"
+    assert "\\u00b1" not in html and "±1" in html
+    assert all(entry["curves"] for entry in report["runs"]), "every run logged its epochs"
+    for chart in ("loss-chart", "accuracy-co2-chart"):
+        assert f'<svg id="{chart}"' in html
+    assert "Runs side by side" in html
+    one = render(build_report([Path(report["runs"][0]["path"])]), "html")
+    assert "Runs side by side" not in one and "<h2>The run</h2>" in one and "accuracy-co2-chart" not in one
+    assert "<span>class 0</span>" in one, "a teacher of unknown classes: its preview rows are numbered"
+    cifar = {
+        "config": {"stages": {"synthesis": {"teacher": {"num_classes": 10, "dataset": "cifar10-jpeg (imagefolder)"}}}}
+    }
+    assert class_names(cifar) == list(CIFAR10_CLASSES)
+    other = {"config": {"stages": {"synthesis": {"teacher": {"num_classes": 3, "dataset": "mine"}}}}}
+    assert class_names(other) == ["class 0", "class 1", "class 2"]
+
+
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
     flags = [
         "--headless",
@@ -319,7 +349,7 @@ def test_html_renders_in_a_real_browser(report: dict[str, Any], tmp_path: Path) 
         assert colour_pixels(image, colour) > 300, colour
 
     dom = chromium(["--dump-dom", page.as_uri()], tmp_path / "profile-dom").stdout
-    for chart in ("energy-chart", "co2-chart", "split-chart"):
+    for chart in ("energy-chart", "co2-chart", "split-chart", "loss-chart", "accuracy-co2-chart"):
         assert f'<svg id="{chart}"' in dom
     rows = [row for entry in report["runs"] for row in entry["rows"]]
     assert dom.count("<rect") >= 2 * len(rows)

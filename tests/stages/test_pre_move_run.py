@@ -45,6 +45,9 @@ def test_report_of_an_old_run_is_the_report_the_old_code_built(fixture_copy: Pat
     # Sections added to the schema since (the headline, issue 12) are derived from the same records.
     for entry in fresh["runs"]:
         assert entry.pop("headline")["energy_kwh_with_pue"] == entry["totals"]["energy_kwh_with_pue"]["total"]
+        # ... and the training curves, read from the metrics.jsonl the manifest lists (item 9).
+        curve = entry.pop("curves")["tau=stochastic"]
+        assert [point["step"] for point in curve] == [1, 2, 3] and all("loss" in point for point in curve)
     assert fresh == saved
 
 
