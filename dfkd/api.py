@@ -40,7 +40,7 @@ from dfkd.stages.distill import PreparedDistill, distill_run
 from dfkd.stages.estimate import distillation_seconds, estimate_recipe, synthesis_seconds
 from dfkd.stages.evaluate import evaluate_checkpoint
 from dfkd.stages.pipeline import check_inputs, record_estimate, run_recipe
-from dfkd.stages.synthesis import prepare_synthesis, run_synthesis
+from dfkd.stages.synthesis import batches_left, prepare_synthesis, run_synthesis
 
 PathLike = str | Path
 
@@ -96,8 +96,10 @@ def synthesize(
         "synthesis setting",
     )
     prepared = prepare_synthesis(config, iterations)
-    _check_cpu_cost(prepared.device, cpu_limit_s, "this synthesis", lambda: synthesis_seconds(prepared))
-    run_dir = RunDir.open(Path(run).expanduser())
+    root = Path(run).expanduser()
+    left = prepared.num_batches if overwrite else batches_left(root, prepared)  # a rerun costs only what is left
+    _check_cpu_cost(prepared.device, cpu_limit_s, "this synthesis", lambda: synthesis_seconds(prepared, left))
+    run_dir = RunDir.open(root)
     with run_dir.locked():
         result, work = run_synthesis(prepared, run_dir, carbon or CarbonConfig(), overwrite, show_progress=progress)
     return {"run": str(run_dir.root), **result, "work": work}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,18 @@ def as_recorded(values: tuple[float, ...]) -> Stats:
     return first, second, third
 
 
+_NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
+
+
 def _json_number(text: str) -> int | float | str:
-    """`text` as an int or a finite float when it is one, else unchanged."""
-    for kind in (int, float):
-        try:
-            value = kind(text)
-        except ValueError:
-            continue
-        if math.isfinite(value):
-            return value
-    return text
+    """`text` as an int or a float when it is written as a plain decimal number, else unchanged (so "0123",
+    "1_000" or an all-digit commit hash with a leading zero stay text)."""
+    if not _NUMBER.fullmatch(text):
+        return text
+    value = float(text)
+    if not math.isfinite(value):
+        return text
+    return int(text) if text.lstrip("-").isdigit() else value
 
 
 @dataclass(frozen=True)

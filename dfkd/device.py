@@ -52,8 +52,10 @@ def native_bf16(device: torch.device) -> bool:
     then runs bf16 convolutions 3-5x faster than fp32; elsewhere bf16 is emulated and slower)."""
     if device.type == "cuda":
         return True
+    # Not mkldnn's own bf16 check: it also says yes for AVX512 CPUs without BF16 (Skylake to Ice Lake),
+    # where bf16 is emulated and slower than fp32.
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 

@@ -304,3 +304,12 @@ def test_unwritable_destination(tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="cannot write checkpoint .*taken.safetensors"):
         save_checkpoint(folder, trained_tiny(), META)
     assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]
+
+
+def test_checkpoint_json_types_only_plain_decimal_numbers() -> None:
+    from dfkd.checkpoints import _json_number
+
+    assert [_json_number(t) for t in ("60", "-3", "0.95", "1e-3")] == [60, -3, 0.95, 0.001]
+    assert [_json_number(t) for t in ("0123", "1_000", "abc", "inf", "nan", "1.")] == [
+        "0123", "1_000", "abc", "inf", "nan", "1.",
+    ]  # fmt: skip

@@ -23,12 +23,14 @@ from dfkd.report.format import (
     ARTIFACT_HEADERS,
     COMPARISON_HEADERS,
     ENERGY_COLUMNS,
+    ESTIMATE_HEADERS,
     OVERVIEW_HEADERS,
     STAGE_HEADERS,
     TOTAL_HEADERS,
     WORK_COLUMNS,
     artifact_rows,
     comparison_cells,
+    estimate_rows,
     headline_lines,
     number,
     overview_cells,
@@ -96,15 +98,13 @@ def _table(
 
 def nice_ticks(largest: float, count: int = 4) -> list[float]:
     """0 and then steps of 1, 2 or 5 times a power of ten up to the first tick at or above `largest`."""
-    if largest <= 0:
+    if not largest > 0 or not math.isfinite(largest):
         return [0.0, 1.0]
     raw = largest / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
-    ticks = [0.0]
-    while ticks[-1] < largest * (1 - 1e-9):
-        ticks.append(round(ticks[-1] + step, 12))
-    return ticks
+    steps = max(1, math.ceil(largest / step * (1 - 1e-9)))
+    return [i * step for i in range(steps + 1)]
 
 
 def _legend(items: dict[str, str], y: int) -> str:
@@ -312,6 +312,12 @@ def class_names(run: dict[str, Any]) -> list[str]:
     return [f"class {c}" for c in range(classes)]
 
 
+def _estimate_html(run: dict[str, Any]) -> str:
+    if "estimate" not in run:
+        return ""
+    return f"<h3>Estimate (dfkd run --dry-run) vs actual</h3>\n{_table(ESTIMATE_HEADERS, estimate_rows(run), fit=True)}"
+
+
 def _stage_table(columns: Sequence[int], rows: list[list[str]], row_classes: list[str]) -> str:
     """Some of the stage columns: two such tables fit a page, where one of all 18 needed a scrollbar."""
     headers = [STAGE_HEADERS[i] for i in columns]
@@ -347,6 +353,7 @@ git commit <code>{escape(str(manifest["git_commit"]))}</code></p>
 <h3>Totals</h3>
 <p class="meta">Per-part energy without PUE; CO2eq from the energy with PUE.</p>
 {_table(TOTAL_HEADERS, totals_rows(run))}
+{_estimate_html(run)}
 <h3>How each figure was obtained</h3>
 <ul>{provenance}</ul>
 <h3>Caveats</h3>

@@ -175,9 +175,11 @@ def _training_images(recipe: Recipe) -> int:
 QUICK_BATCH = 32
 
 
-def synthesis_seconds(prepared: PreparedSynthesis) -> float:
-    """About how long the whole synthesis will take on its device, from a small probe batch."""
-    units = prepared.config.num_images * prepared.method_config.iterations
+def synthesis_seconds(prepared: PreparedSynthesis, batches: int) -> float:
+    """About how long `batches` synthesis batches will take on the device, from a small probe batch."""
+    if batches <= 0:
+        return 0.0
+    units = min(prepared.config.num_images, batches * prepared.config.batch_size) * prepared.method_config.iterations
     return units * seconds_per_unit(synthesis_probe(prepared, batch_size=QUICK_BATCH), prepared.device)
 
 

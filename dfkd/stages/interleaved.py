@@ -86,8 +86,9 @@ from dfkd.tau import make_sampler
 from synthesizers import get_synthesizer
 
 STAGE = "interleaved"
-# Distillation settings that do not change what an interleaved student learns from or how.
-_NOT_IDENTITY = ("eval_data", "eval_every", "device", "compile", "epochs")
+# Distillation settings that do not change what an interleaved student learns from or how. The teacher
+# enters as its sha256, not its path.
+_NOT_IDENTITY = ("eval_data", "eval_every", "device", "compile", "epochs", "teacher")
 
 
 @dataclass

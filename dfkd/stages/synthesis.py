@@ -24,10 +24,17 @@ from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.synthesis import SynthesisConfig
-from dfkd.device import Precision, default_precision, free_memory_bytes, legacy_precision, resolve_device
+from dfkd.device import (
+    Precision,
+    default_precision,
+    free_memory_bytes,
+    legacy_precision,
+    prepare_model,
+    resolve_device,
+)
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, sha256_file
-from dfkd.manifest import SynthesisSection, TeacherRef, synthesis_of
+from dfkd.manifest import MANIFEST_FILE, SynthesisSection, TeacherRef, synthesis_of
 from dfkd.progress import make_progress
 from dfkd.rundir import RunDir
 from dfkd.stages.evaluate import predict_logits
@@ -177,6 +184,22 @@ def prepare_run_dir(run: RunDir, prepared: PreparedSynthesis, overwrite: bool) -
     if done:
         adopt_recorded_precision(prepared, synthesis_of(run.read_manifest()))
     return done
+
+
+def batches_left(root: Path, prepared: PreparedSynthesis) -> int:
+    """How many batches a run of `prepared` in `root` still has to make (read-only: a quick look, before the
+    lock is taken; `prepare_run_dir` decides): all of them for a new run dir or one made with other settings."""
+    if not (root / MANIFEST_FILE).is_file():
+        return prepared.num_batches
+    run = RunDir.open(root, create=False)
+    if synthesis_of(run.read_manifest()).get("config_hash") != prepared.config_hash:
+        return prepared.num_batches
+    synthetic = SyntheticSet(run)
+    shards = synthetic.valid_shards()[: prepared.num_batches]
+    done = next(
+        (i for i, path in enumerate(shards) if synthetic.shard_count(path) != prepared.batch_count(i)), len(shards)
+    )
+    return prepared.num_batches - done
 
 
 def write_batch(
@@ -366,7 +389,7 @@ def synthesize_stage(
     quality = quality_figures(
         data["images"],
         data["targets"],
-        prepared.teacher.to(device),
+        prepare_model(prepared.teacher, device, prepared.precision),
         meta,
         device,
         config.quality_sample,

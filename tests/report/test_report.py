@@ -280,7 +280,7 @@ def test_html_is_one_self_contained_file(report: dict[str, Any]) -> None:
             assert artifact["sha256"] in html
 
 
-@pytest.mark.parametrize("largest", [0.00103, 0.00205, 0.0205, 1.0, 7.3, 380.0, 91.31])
+@pytest.mark.parametrize("largest", [1e-13, 0.00103, 0.00205, 0.0205, 1.0, 7.3, 380.0, 91.31])
 def test_chart_axes_tick_at_1_2_5_times_a_power_of_ten(largest: float) -> None:
     ticks = nice_ticks(largest)
     step = ticks[1]

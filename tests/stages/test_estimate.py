@@ -3,18 +3,24 @@ anything runs; kept in the run dir, the report sets it beside what the run then 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.ledger import read_ledger
 from dfkd.cli import app
+from dfkd.config.synthesis import SynthesisConfig
 from dfkd.files import sha256_file
 from dfkd.report.audit import audit_run
 from dfkd.report.build import build_report
 from dfkd.report.render import render
+from dfkd.rundir import RunDir
+from dfkd.stages.estimate import synthesis_seconds
+from dfkd.stages.synthesis import batches_left, prepare_synthesis, run_synthesis
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "recipes" / "quickstart.toml")
@@ -68,6 +74,7 @@ def test_dry_run_estimates_every_stage_runs_nothing_and_the_report_compares(
     text = render(build_report([run]), "table", width=200)
     assert "estimate (dfkd run --dry-run) vs actual" in text
     assert "Estimate (`dfkd run --dry-run`) vs actual" in render(build_report([run]), "markdown")
+    assert "Estimate (dfkd run --dry-run) vs actual" in render(build_report([run]), "html")
     assert audit_run(run) == []
 
 
@@ -90,3 +97,18 @@ def test_dry_run_of_an_interleaved_recipe_estimates_both_phases(tmp_path: Path, 
     assert (generation["stage"], generation["units"]) == ("interleaved: generation", 96)
     assert (compression["stage"], compression["units"]) == ("interleaved: compression", 5 * 4 * 8)  # 5 KD rounds
     assert not Path("runs").exists() or not any(Path("runs").glob("c10_wrn40_2-wrn16_1_fast*")), "no run dir made"
+
+
+def test_a_rerun_is_estimated_by_what_is_left(tmp_path: Path, tiny_teacher: Path) -> None:
+    """The cost guard of `dfkd synthesize` looks at what a rerun still has to make: nothing once finished."""
+    config = SynthesisConfig(
+        method="deepinversion", teacher=str(tiny_teacher), num_images=12, batch_size=4, device="cpu"
+    )
+    prepared = prepare_synthesis(config, iterations=1)
+    assert batches_left(tmp_path / "new", prepared) == 3 and not (tmp_path / "new").exists()
+    run = RunDir.open(tmp_path / "run")
+    with run.locked():
+        run_synthesis(prepared, run, CarbonConfig(grid_g_per_kwh=400), show_progress=False)
+    assert batches_left(run.root, prepared) == 0 and synthesis_seconds(prepared, 0) == 0.0
+    other = prepare_synthesis(dataclasses.replace(config, seed=1), iterations=1)
+    assert batches_left(run.root, other) == 3, "another set: all of it"
