@@ -114,6 +114,8 @@ def tiny_recipe_sets(tiny_teacher: Path) -> list[str]:
         "teacher.checkpoint": str(tiny_teacher),
         "run.device": "cpu",
         "carbon.grid_g_per_kwh": "400",
+        "synthesize.method": "cmi",
+        "synthesize.settings.lr": "0.001",  # CMI's own (the quickstart sets the fast method's)
         "synthesize.num_images": "48",
         "synthesize.batch_size": "4",
         "synthesize.iterations": "3",

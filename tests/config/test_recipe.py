@@ -58,8 +58,8 @@ def test_paper_recipes_cover_datasets_methods_and_tau_modes() -> None:
 def test_quickstart_is_the_readme_main_job_at_cpu_scale() -> None:
     recipe = load_recipe(REPO / "recipes" / "quickstart.toml")
     s, d = recipe.synthesis, recipe.distill
-    assert (s.method, s.num_images, s.batch_size, s.method_settings["iterations"]) == ("cmi", 300, 50, 20)
-    assert (d.epochs, d.batch_size, d.tau) == (60, 32, "stochastic")
+    assert (s.method, s.num_images, s.batch_size, s.method_settings["iterations"]) == ("fast", 1600, 50, 5)
+    assert s.method_settings["lr"] == 0.003 and (d.epochs, d.batch_size, d.tau) == (50, 32, "stochastic")
     readme = (REPO / "README.md").read_text()
     main_job = readme.split("**Run the main job**")[1].split("```bash\n")[1].split("\n")[0]
     assert main_job.endswith("dfkd run recipes/quickstart.toml --run runs/quickstart")
@@ -112,7 +112,7 @@ def test_missing_recipe() -> None:
 def test_a_two_stage_recipe_resolves_as_before_modes_existed() -> None:
     """Run dirs made before `[run] mode` existed compare their saved recipe with this: it must not change."""
     resolved = load_recipe(REPO / "recipes" / "quickstart.toml").resolved()
-    assert "mode" not in resolved["run"] and "interleave" not in resolved and resolved["distill"]["epochs"] == 60
+    assert "mode" not in resolved["run"] and "interleave" not in resolved and resolved["distill"]["epochs"] == 50
 
 
 def test_interleaved_recipes_validate_with_their_rounds() -> None:
