@@ -128,6 +128,8 @@ YES = typer.Option(
 )
 # A CPU job estimated (from a measured probe) to take longer than this asks first, or needs --yes.
 CPU_LIMIT_S = 3600.0
+# The synthesis methods, as the help lists them (a test keeps this equal to the synthesizer registry).
+Method = Literal["cmi", "deepinversion", "fast"]
 T = TypeVar("T")
 
 
@@ -355,8 +357,13 @@ def checkpoint_import(
 @app.command("synthesize")
 @user_errors
 def synthesize_command(
-    method: str = typer.Option("cmi", "--method", help="Synthesis method: cmi, deepinversion or fast."),
-    teacher: Path = typer.Option(EMBEDDED_TEACHER_PATH, "--teacher", help="Teacher checkpoint (.safetensors)."),
+    method: Method = typer.Option("cmi", "--method", help="Synthesis method (see README)."),
+    teacher: Path = typer.Option(
+        EMBEDDED_TEACHER_PATH,
+        "--teacher",
+        help="Teacher checkpoint (.safetensors).",
+        show_default="the embedded checkpoints/wrn40_2_cifar10.safetensors",
+    ),
     num_images: int = typer.Option(50_000, "--num-images", help="How many synthetic images to make."),
     batch_size: int = typer.Option(
         256, "--batch-size", help="Synthesis batch (independent of the distillation batch)."

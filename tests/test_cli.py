@@ -10,6 +10,7 @@ import json
 import random
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,14 @@ from typer.testing import CliRunner, Result
 
 from dfkd.carbon.ledger import read_ledger, verify_ledger
 from dfkd.checkpoints import load_checkpoint, read_meta
-from dfkd.cli import app
+from dfkd.cli import Method, app
 from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
 from dfkd.data import load_split, stratified_subset
 from dfkd.errors import DfkdError
 from dfkd.files import sha256_file
 from dfkd.models import create_model, list_models, model_spec
 from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
+from synthesizers import list_synthesizers
 
 runner = CliRunner()
 
@@ -462,6 +464,13 @@ def test_cli_conventions_short_help_version_and_plain_flags() -> None:
     assert short.exit_code == 0 and short.stdout == long.stdout
     assert "<bool>" not in long.stdout and "<hkd|cmc|dml>" in long.stdout and "<batch|sample>" in long.stdout
     assert "<table|json|markdown|html>" in runner.invoke(app, ["report", "-h"]).stdout
+    # The methods are listed as choices (the same as the registry), the teacher default whole, not a path
+    # cut at the terminal's edge.
+    synthesize = runner.invoke(app, ["synthesize", "-h"], terminal_width=80).stdout
+    assert f"<{'|'.join(typing.get_args(Method))}>" in synthesize and set(typing.get_args(Method)) == set(
+        list_synthesizers()
+    )
+    assert "checkpoints/wrn40_2_cifar10.safetensors" in synthesize and str(EMBEDDED_TEACHER_PATH) not in synthesize
 
 
 def test_report_takes_json_like_every_command(tmp_path: Path) -> None:
