@@ -340,8 +340,15 @@ def test_other_settings_need_overwrite_which_starts_over(tmp_path: Path, tiny_te
 
 
 def test_unknown_method_lists_the_choices(tmp_path: Path, tiny_teacher: Path) -> None:
-    message = synthesize_fails(tmp_path / "run", tiny_teacher, "--method", "nayer")
-    assert "--method" in message and "'nayer' is not one of 'cmi', 'deepinversion', 'fast'" in message
+    """The method is a choice of the command line: `dfkd` itself answers in one line, before any work."""
+    import subprocess
+    import sys
+
+    args = ["synthesize", "--method", "nayer", "--teacher", str(tiny_teacher), "--run", str(tmp_path / "run")]
+    result = subprocess.run([sys.executable, "-m", "dfkd", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "", result
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "'nayer' is not one of 'cmi', 'deepinversion', 'fast'" in line, line
     assert not (tmp_path / "run").exists(), "validated before the run dir is made"
 
 
