@@ -158,8 +158,25 @@ def print_json(obj: Any) -> None:
 
 @app.command("models")
 @user_errors
-def models_command(as_json: bool = JSON) -> None:
-    """List the registered model architectures."""
+def models_command(
+    name: str | None = typer.Argument(
+        None, help="One model to describe: a built-in name, torchvision:<name> or timm:<name> (timm needs dfkd[timm])."
+    ),
+    num_classes: int = typer.Option(10, "--num-classes", help="Classes to build it with, for its size and FLOPs."),
+    as_json: bool = JSON,
+) -> None:
+    """List the built-in architectures (and how to name the zoos'), or describe one model."""
+    if name is not None:
+        from dfkd.models.describe import describe_model
+
+        info = describe_model(name, num_classes)
+        if as_json:
+            print_json(info)
+            return
+        for key, value in info.items():
+            shown = f"{value:,}" if isinstance(value, int) else value
+            out.print(f"  {key:<24} {shown}", highlight=False, markup=False, soft_wrap=True)
+        return
     rows = [
         {
             "name": n,
@@ -179,6 +196,13 @@ def models_command(as_json: bool = JSON) -> None:
             f"{row['params_at_10_classes']:,}" if row["params_at_10_classes"] else "",
         )
     out.print(table)
+    out.print(
+        "Any torchvision classifier is torchvision:<name> (e.g. torchvision:resnet18), any timm model timm:<name> "
+        "(pip install 'dfkd[timm]'); `dfkd models NAME` describes one.",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @teacher_app.command("train")

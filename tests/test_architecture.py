@@ -31,6 +31,7 @@ TORCH_FREE_MODULES = (
     "dfkd.carbon.config",
     "dfkd.models",
     "dfkd.models.registry",
+    "dfkd.models.spec",
     "dfkd.models.zoo",
     "synthesizers",
     "synthesizers.registry",

@@ -6,29 +6,13 @@ architecture when called), so configs can check a model name without loading tor
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dfkd.errors import DfkdError
+from dfkd.models.spec import ModelSpec, Stats
 
 if TYPE_CHECKING:
     from torch import nn
-
-Stats = tuple[float, float, float]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the registry knows about a model besides how to build it (`build(num_classes)`)."""
-
-    name: str
-    build: Callable[[int], nn.Module]
-    description: str
-    input_size: int
-    mean: Stats
-    std: Stats
-    params_at_10_classes: int | None = None
-
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -54,11 +38,18 @@ def list_models() -> list[str]:
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The registry entry for `name`; an unknown name is a `DfkdError` listing the valid ones."""
+    """The registry entry for `name`, or for `torchvision:<name>` / `timm:<name>` the zoo's (which imports that
+    zoo); an unknown name is a `DfkdError` listing the valid ones."""
+    if ":" in name:
+        from dfkd.models.external import zoo_spec
+
+        return zoo_spec(name)
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise DfkdError(f"unknown model {name!r}: choose one of {', '.join(list_models())}") from None
+        raise DfkdError(
+            f"unknown model {name!r}: choose one of {', '.join(list_models())}, or torchvision:<name> or timm:<name>"
+        ) from None
 
 
 def create_model(name: str, num_classes: int) -> nn.Module:

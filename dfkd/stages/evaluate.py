@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dfkd.checkpoints import load_checkpoint
 from dfkd.data import ImageSet, load_split, normalize
 from dfkd.device import Precision, autocast, default_precision, prepare_model, uses_channels_last
 from dfkd.errors import DfkdError
 from dfkd.metrics import classification_metrics
+from dfkd.models.heads import pooled_features
 from dfkd.progress import make_progress
 
 # On the CPU a batch's activations must stay below glibc's 32 MiB mmap threshold, or every batch maps
@@ -53,7 +54,7 @@ def predict_logits(
             uses_channels_last(device, precision),
         )
         with autocast(device, precision):
-            out = cast(Callable[[Tensor], Tensor], model.forward_features)(batch) if features else model(batch)
+            out = pooled_features(model, batch) if features else model(batch)
         outputs.append(out.float())
         if done is not None:
             done(len(batch))
