@@ -90,3 +90,26 @@ def test_dfkd_models_describes_one_and_says_how_to_name_the_zoos() -> None:
     assert info["forward_flops_per_image"] == pytest.approx(3.63e9, rel=0.01)  # 1.8 GMACs at 224x224
     listing = runner.invoke(app, ["models"])
     assert "wrn40_2" in listing.stdout and "torchvision:<name>" in listing.stdout and "timm:<name>" in listing.stdout
+
+
+TINY_SETTINGS = {
+    "cmi": {"nz": 16, "ngf": 8, "head_dim": 16, "bank_size": 64, "num_negatives": 8},
+    "fast": {"nz": 16, "ngf": 8},
+    "deepinversion": {},
+}
+
+
+@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("method", sorted(TINY_SETTINGS))
+def test_every_method_inverts_a_torchvision_teacher_at_its_size(method: str, size: int) -> None:
+    from dfkd.config.overrides import apply_overrides
+    from synthesizers import get_synthesizer, method_config_class
+
+    torch.manual_seed(0)
+    teacher = create_model("torchvision:resnet18", 10).eval()
+    spec = model_spec("torchvision:resnet18")
+    config = apply_overrides(method_config_class(method)(), {"iterations": 2, **TINY_SETTINGS[method]}, "setting")
+    synthesizer = get_synthesizer(method)(teacher, config, torch.device("cpu"), spec.mean, spec.std, 10, size)
+    batch = synthesizer.synthesize(torch.arange(4) % 10)
+    assert batch.images.shape == (4, 3, size, size) and batch.logits.shape == (4, 10)
+    assert torch.isfinite(batch.losses).all() and 0 <= float(batch.images.min()) <= float(batch.images.max()) <= 1

@@ -399,3 +399,25 @@ def test_inversion_matches_bn_statistics_and_hits_targets(
     assert float((start.logits.argmax(1) == targets).float().mean()) < agreement
     with torch.no_grad():
         torch.testing.assert_close(kept.logits, teacher(normalise(kept.images, meta.mean, meta.std)))
+
+
+@pytest.mark.parametrize(("size", "stages", "start"), [(32, 2, 8), (64, 3, 8), (96, 3, 12), (224, 5, 7), (36, 2, 9)])
+def test_the_generator_grows_its_upsampling_with_the_image(size: int, stages: int, start: int) -> None:
+    """Issue 13: CMI's and Fast-DFKD's generator at the teacher's size, from a small first map; 32x32 keeps
+    the published layout (and so every CIFAR run's saved generator state)."""
+    from synthesizers.generator import Generator, upsampling_stages
+
+    assert upsampling_stages(size) == stages
+    generator = Generator(16, 8, size)
+    assert generator.init_size == start and generator(torch.randn(2, 16)).shape == (2, 3, size, size)
+    if size == 32:
+        shapes = {k: tuple(v.shape) for k, v in generator.state_dict().items() if k.endswith("weight")}
+        assert shapes == {
+            "project.weight": (16 * 8 * 8, 16),
+            "body.0.weight": (16,),
+            "body.2.weight": (16, 16, 3, 3),
+            "body.3.weight": (16,),
+            "body.6.weight": (8, 16, 3, 3),
+            "body.7.weight": (8,),
+            "body.9.weight": (3, 8, 3, 3),
+        }
