@@ -3,17 +3,32 @@
 CIFAR fits in memory (150 MB for 50k images as uint8), so a whole split lives on the training device
 and a step is a few kernels (index, crop/flip, normalise): no DataLoader workers, no PIL, no host sync.
 
-`load_split` accepts three layouts:
+`load_split` accepts four layouts:
     cifar10-python   torchvision's `cifar-10-batches-py` (data_batch_1..5, test_batch, batches.meta)
     cifar100-python  torchvision's `cifar-100-python` (train, test, meta; the 100 fine labels)
+    tiny-imagenet    the Tiny-ImageNet zip's root: train/<wnid>/images/*.JPEG, and val/images/ labelled by
+                     val/val_annotations.txt (file, wnid, box); split "test" reads val, since the zip's
+                     test/ images carry no labels; sorted train/ wnids give the label order
     imagefolder      a root with train/<class>/*.{jpg,jpeg,png} and test/<class>/...; class folders
                      sorted alphabetically give the label order, as torchvision's ImageFolder does
-The CIFAR folders may be given directly or through the folder that holds them.
+The CIFAR folders may be given directly or through the folder that holds them. Tiny-ImageNet is
+recognised before ImageFolder: its root also holds train/ and test/, which would read as class folders.
+
+Given a `size`, every file image that is not size x size is resized (bilinear, antialiased: shorter side
+to int(size / 0.875)) and centre-cropped to size x size, as torchvision's reference eval transform
+(Resize(256) + CenterCrop(224)) does, so a dataset of mixed sizes loads; without one, all images must
+share one size. CIFAR is not resized: its 32x32 pixels hold nothing a larger input could use, and at
+224 px a training split would take 7.5 GB, so another size is a `DfkdError`.
+
+A file split that decoded would exceed `resident_bytes()` (4 GiB, or `$DFKD_RESIDENT_BYTES`) comes back,
+to callers that ask with `stream=True`, as a `StreamedSplit`, decoded batch by batch from disk by
+DataLoader workers; smaller splits, CIFAR included, stay resident (on the device) as an `ImageSet`.
+Both give `batches(batch_size, device)`, the interface evaluation reads.
 
 A decoded split is cached as `.safetensors` in `$DFKD_CACHE` (default `~/.cache/dfkd`) under the
-sha256 of the source path, split, layout and every source file's (name, size, mtime_ns), so an edited
-dataset is decoded again. CIFAR pickles go through an unpickler that builds numpy arrays and nothing
-else, so a tampered file cannot run code.
+sha256 of the source path, split, layout, size (when given) and every source file's (name, size,
+mtime_ns), so an edited dataset is decoded again; a streamed split is never cached. CIFAR pickles go
+through an unpickler that builds numpy arrays and nothing else, so a tampered file cannot run code.
 """
 
 from __future__ import annotations
@@ -25,9 +40,9 @@ import pickle
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, overload
 
 import numpy as np
 import torch
@@ -35,22 +50,28 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes
 from dfkd.tensor_files import safetensors_bytes
 
 Split = Literal["train", "test"]
-Layout = Literal["cifar10-python", "cifar100-python", "imagefolder"]
+Layout = Literal["cifar10-python", "cifar100-python", "tiny-imagenet", "imagefolder"]
 
 # Part of every cache key: bump it when decoding changes, so older cache files stop matching.
 _CACHE_FORMAT = "dfkd.data/1"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _CHUNK = 512
 _STATS_BYTES = 256 << 20  # working memory of `ImageSet.channel_stats`, whatever the image size
+# Decoded bytes a split may take and still be held whole: Tiny-ImageNet's training split at 64 px
+# (1.2 GB) fits beside a model on any GPU; ImageNet at 224 px (190 GB) streams.
+_RESIDENT_BYTES = 4 << 30
+_CROP_FRACTION = 0.875  # torchvision's reference eval transform: Resize(256) then CenterCrop(224)
 _ACCEPTED = (
     "a CIFAR-10 python folder (cifar-10-batches-py, or the folder holding it), "
     "a CIFAR-100 python folder (cifar-100-python, or the folder holding it), "
+    "a Tiny-ImageNet root with train/<wnid>/images/, val/images/ and val/val_annotations.txt, "
     "or an ImageFolder root with train/<class>/ and test/<class>/ folders of .jpg/.png images"
 )
 
@@ -83,9 +104,16 @@ class ImageSet:
     def input_size(self) -> int:
         """The side of the (square) images; non-square images are a `DfkdError`."""
         height, width = self.images.shape[-2:]
-        if height != width:
-            raise DfkdError(f"{self.source} holds {height}x{width} images: dfkd models take square images")
-        return int(height)
+        return _square_side(self.source, int(height), int(width))
+
+    def batches(self, batch_size: int, device: torch.device | str) -> Iterator[tuple[Tensor, Tensor]]:
+        """(uint8 images, labels) on `device`, `batch_size` at a time in order: what `StreamedSplit` yields too,
+        so an evaluation reads either the same way."""
+        for start in range(0, len(self), batch_size):
+            yield (
+                self.images[start : start + batch_size].to(device, non_blocking=True),
+                self.labels[start : start + batch_size].to(device, non_blocking=True),
+            )
 
     def channel_stats(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """Per-channel mean and std of the pixels in [0, 1], summed in float64 over chunks of images."""
@@ -108,6 +136,106 @@ class ImageSet:
             indices = torch.as_tensor(indices, dtype=torch.int64)
         indices = indices.to(self.images.device)
         return replace(self, images=self.images[indices], labels=self.labels[indices])
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class StreamedSplit:
+    """A file split too big to keep decoded (see `resident_bytes`): its files and labels (from the listing,
+    no image decoded), decoded `batch_size` at a time by `workers` DataLoader processes in `batches`.
+
+    `size` is the side images are resized to, or None to take the files as they are; `shape` (H, W) is what
+    every image must come out as (the first file's when `size` is None, where another size is an error).
+    """
+
+    files: list[Path]
+    labels: Tensor
+    classes: list[str]
+    source: str
+    size: int | None
+    shape: tuple[int, int]
+    workers: int = field(default_factory=_default_workers)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_size(self) -> int:
+        """The side of the (square) images; non-square images are a `DfkdError`."""
+        return _square_side(self.source, *self.shape)
+
+    def batches(self, batch_size: int, device: torch.device | str) -> Iterator[tuple[Tensor, Tensor]]:
+        """(uint8 images (N, 3, H, W), labels) on `device`, in file order, as `ImageSet.batches` gives them.
+
+        Batches are decoded in worker processes while the caller computes, into pinned memory when the
+        device is CUDA (so the copy overlaps); workers end with the epoch, holding nothing between calls.
+        """
+        device = torch.device(device)
+        loader = DataLoader(
+            _DecodedFiles(self),
+            batch_size=batch_size,
+            num_workers=self.workers,
+            collate_fn=_stack_or_error,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        start = 0
+        for batch in loader:
+            if isinstance(batch, str):
+                raise DfkdError(batch)
+            end = start + len(batch)
+            yield batch.to(device, non_blocking=True), self.labels[start:end].to(device, non_blocking=True)
+            start = end
+
+
+# A split as evaluation reads it: resident, or streamed from disk (both give `batches`, `labels`, `classes`).
+AnySplit = ImageSet | StreamedSplit
+
+
+class _DecodedFiles(Dataset[Tensor | str]):
+    """A `StreamedSplit`'s images one file at a time, as (3, H, W) uint8, or the one-line reason a file failed.
+
+    Errors are returned, not raised: raised in a worker, a `DfkdError` would reach the caller rewrapped
+    with the worker's traceback in its message, and dfkd's errors are one line.
+    """
+
+    def __init__(self, split: StreamedSplit) -> None:
+        self.files, self.size, self.shape = split.files, split.size, split.shape
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor | str:
+        try:
+            pixels = _decode_file(self.files[index], self.size)
+            if pixels.shape[:2] != self.shape:
+                raise _mixed_sizes(self.files[index], pixels.shape, self.files[0], self.shape)
+        except DfkdError as exc:
+            return str(exc)
+        return torch.tensor(pixels).permute(2, 0, 1)  # a copy: PIL's array is read-only
+
+
+def _stack_or_error(items: list[Tensor | str]) -> Tensor | str:
+    """One batch of images, or the first error among them (see `_DecodedFiles`)."""
+    images: list[Tensor] = []
+    for item in items:
+        if isinstance(item, str):
+            return item
+        images.append(item)
+    return torch.stack(images)
+
+
+def _square_side(source: str, height: int, width: int) -> int:
+    if height != width:
+        raise DfkdError(f"{source} holds {height}x{width} images: dfkd models take square images")
+    return height
 
 
 @dataclass(frozen=True)
@@ -140,63 +268,109 @@ _CIFAR: dict[Layout, _CifarFormat] = {
 }
 
 
-def load_split(path: Path | str, split: Split) -> ImageSet:
-    """Load the `split` of the dataset at `path` (any layout in the module docstring), from cache if unchanged."""
+@overload
+def load_split(
+    path: Path | str, split: Split, size: int | None = None, *, stream: Literal[False] = False
+) -> ImageSet: ...
+
+
+@overload
+def load_split(
+    path: Path | str, split: Split, size: int | None = None, *, stream: bool
+) -> ImageSet | StreamedSplit: ...
+
+
+def load_split(
+    path: Path | str, split: Split, size: int | None = None, *, stream: bool = False
+) -> ImageSet | StreamedSplit:
+    """Load the `split` of the dataset at `path` (any layout in the module docstring), from cache if unchanged.
+
+    With `size`, file images are resized and centre-cropped to size x size (see the module docstring).
+    With `stream`, a file split over `resident_bytes()` decoded comes back as a `StreamedSplit` instead:
+    only callers that read it through `batches` ask, since training indexes the whole split on the device.
+    """
     if split not in ("train", "test"):
         raise DfkdError(f"split {split!r} is unknown: use train or test")
+    if size is not None and size < 1:
+        raise DfkdError(f"image size {size} is not a size: give a positive number of pixels")
     layout, root = _find_layout(Path(path).expanduser())
     root = root.resolve()
-    if layout == "imagefolder":
-        classes, files = _list_image_folder(root, split)
-        sources = [file for file, _ in files]
-    else:
+    source = f"{layout} {root} ({split})"
+    if layout in _CIFAR:
         fmt = _CIFAR[layout]
+        if size not in (None, 32):
+            raise DfkdError(
+                f"{fmt.name} images are 32x32 and dfkd does not resize them to {size}: use a model whose input "
+                "size is 32, or save the images as an ImageFolder, which is resized"
+            )
+        size = None  # nothing to resize: the same cache file as without a size
         sources = [root / name for name in (fmt.meta, *fmt.splits[split])]
         missing = [file.name for file in sources if not file.is_file()]
         if missing:
             raise DfkdError(f"{fmt.name} folder {root} lacks {missing}: download the dataset again")
-    cache_file = _cache_file(root, split, layout, sources)
-    source = f"{layout} {root} ({split})"
+    else:
+        classes, files = _list_split(root, layout, split)
+        sources = [file for file, _ in files]
+        if stream:
+            width, height = (size, size) if size is not None else _image_size(sources[0])
+            if len(files) * 3 * height * width > resident_bytes():
+                labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+                return StreamedSplit(sources, labels, classes, source, size, (height, width))
+    cache_file = _cache_file(root, split, layout, sources, size)
     cached = _read_cache(cache_file)
     if cached is not None:
         return ImageSet(*cached, source=source)
-    if layout == "imagefolder":
-        images, labels = _decode_images(files)
-    else:
+    if layout in _CIFAR:
         images, labels, classes = _read_cifar(root, _CIFAR[layout], split)
+    else:
+        images, labels = _decode_images(files, size)
     _write_cache(cache_file, images, labels, classes)
     return ImageSet(images, labels, classes, source)
+
+
+def resident_bytes() -> int:
+    """The decoded size above which `load_split(..., stream=True)` streams a file split: `$DFKD_RESIDENT_BYTES`,
+    else 4 GiB."""
+    raw = os.environ.get("DFKD_RESIDENT_BYTES", "").strip()
+    if not raw:
+        return _RESIDENT_BYTES
+    try:
+        return int(raw)
+    except ValueError:
+        raise DfkdError(
+            f"DFKD_RESIDENT_BYTES={raw!r} is not a whole number of bytes: set it to one (4 GiB is {_RESIDENT_BYTES}) "
+            "or unset it"
+        ) from None
 
 
 def check_data_path(path: Path | str) -> Layout:
     """The layout at `path`, or a `DfkdError`: lets a command fail before it makes a run dir or meters a stage.
 
-    For an ImageFolder this also lists both splits' class folders (cheap; no image is decoded).
+    For a file layout this also lists both splits (cheap; no image is decoded).
     """
     layout, root = _find_layout(Path(path).expanduser())
-    if layout == "imagefolder":
+    if layout not in _CIFAR:
         for split in ("train", "test"):
-            _list_image_folder(root, split)
+            _list_split(root, layout, split)
     return layout
 
 
 def split_shape(path: Path | str) -> tuple[int, int]:
     """(number of classes, image side) of the dataset at `path`, without decoding a split: CIFAR is
-    32x32 with 10 or 100 classes; an ImageFolder has its class folders and its first training image's side."""
+    32x32 with 10 or 100 classes; a file layout has its classes and its first training image's side."""
     layout, root = _find_layout(Path(path).expanduser())
-    if layout != "imagefolder":
+    if layout in _CIFAR:
         return (10 if layout == "cifar10-python" else 100), 32
-    classes, files = _list_image_folder(root, "train")
-    with Image.open(files[0][0]) as image:
-        return len(classes), image.size[0]
+    classes, files = _list_split(root, layout, "train")
+    return len(classes), _image_size(files[0][0])[0]
 
 
 def split_size(path: Path | str, split: Split) -> int:
     """How many images one split holds, without decoding it (CIFAR: 50,000 train, 10,000 test)."""
     layout, root = _find_layout(Path(path).expanduser())
-    if layout != "imagefolder":
+    if layout in _CIFAR:
         return 50_000 if split == "train" else 10_000
-    return len(_list_image_folder(root, split)[1])
+    return len(_list_split(root, layout, split)[1])
 
 
 def cache_dir() -> Path:
@@ -225,12 +399,19 @@ def _layout_of(folder: Path) -> Layout | None:
         batches = [name for names in fmt.splits.values() for name in names]
         if (folder / fmt.meta).is_file() and any((folder / name).is_file() for name in batches):
             return layout
+    if (folder / "train").is_dir() and (folder / "val" / "val_annotations.txt").is_file():
+        return "tiny-imagenet"
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         return "imagefolder"
     return None
 
 
-# ---------------------------------------------------------------------------------------- ImageFolder
+# ------------------------------------------------------------------------------ ImageFolder, Tiny-ImageNet
+
+
+def _list_split(root: Path, layout: Layout, split: Split) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and (file, label) pairs of one split of a file layout."""
+    return (_list_tiny_imagenet if layout == "tiny-imagenet" else _list_image_folder)(root, split)
 
 
 def _class_names(folder: Path) -> list[str]:
@@ -260,48 +441,135 @@ def _list_image_folder(root: Path, split: Split) -> tuple[list[str], list[tuple[
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         folder = root / split / name
-        images = sorted(
-            entry.name
-            for entry in os.scandir(folder)
-            if entry.name.lower().endswith(_IMAGE_SUFFIXES) and entry.is_file()
-        )
-        if not images:
-            raise DfkdError(f"class folder {folder} holds no .jpg/.jpeg/.png images: add images or delete the folder")
-        files.extend((folder / image, label) for image in images)
+        files.extend((folder / image, label) for image in _images_in(folder))
     return classes, files
 
 
-def _decode_file(path: Path) -> np.ndarray:
-    """One image file as (H, W, 3) uint8 RGB; grey, palette and RGBA images are converted to RGB.
+def _list_tiny_imagenet(root: Path, split: Split) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (the sorted wnids of train/) and (file, label) pairs; split "test" is the labelled val/.
+
+    val/ files come in val_annotations.txt's order; its other columns (the boxes) are not needed.
+    """
+    classes = _class_names(root / "train")
+    if not classes:
+        raise DfkdError(f"{root / 'train'} holds no class folders: extract the Tiny-ImageNet zip again")
+    if split == "train":
+        files: list[tuple[Path, int]] = []
+        for label, wnid in enumerate(classes):
+            folder = root / "train" / wnid / "images"
+            if not folder.is_dir():
+                raise DfkdError(
+                    f"Tiny-ImageNet class folder {folder.parent} has no images/ folder: "
+                    "put its images in images/ or delete the folder"
+                )
+            files.extend((folder / image, label) for image in _images_in(folder))
+        return classes, files
+    annotations, images = root / "val" / "val_annotations.txt", root / "val" / "images"
+    try:
+        present = {entry.name for entry in os.scandir(images) if entry.is_file()}
+    except OSError:
+        raise DfkdError(f"Tiny-ImageNet folder {root} has no val/images/ folder: extract the zip again") from None
+    labels = {wnid: label for label, wnid in enumerate(classes)}
+    files = []
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, wnid = ([*line.split("\t"), ""])[:2]
+        where = f"{annotations} line {number}"
+        if wnid not in labels:
+            raise DfkdError(
+                f"{where} names class {wnid!r}, which train/ has no folder for: "
+                "restore that class's train/ folder or extract the zip again"
+            )
+        if name not in present:
+            raise DfkdError(f"{where} lists {name}, which {images} lacks: restore the file or extract the zip again")
+        files.append((images / name, labels[wnid]))
+    if not files:
+        raise DfkdError(f"{annotations} lists no images: extract the Tiny-ImageNet zip again")
+    return classes, files
+
+
+def _images_in(folder: Path) -> list[str]:
+    """The sorted names of the .jpg/.jpeg/.png files (any case) in `folder`, of which there must be some."""
+    images = sorted(
+        entry.name for entry in os.scandir(folder) if entry.name.lower().endswith(_IMAGE_SUFFIXES) and entry.is_file()
+    )
+    if not images:
+        raise DfkdError(f"class folder {folder} holds no .jpg/.jpeg/.png images: add images or delete the folder")
+    return images
+
+
+def _unreadable(path: Path, exc: Exception) -> DfkdError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DfkdError(f"cannot read image {path} ({reason}): replace or delete the file")
+
+
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding its pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except _PIL_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _decode_file(path: Path, size: int | None = None) -> np.ndarray:
+    """One image file as (H, W, 3) uint8 RGB; grey, palette and RGBA images are converted to RGB; with
+    `size`, resized and centre-cropped to size x size unless it already is.
 
     PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
     """
     try:
         with Image.open(path) as image:
-            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DfkdError(f"cannot read image {path} ({reason}): replace or delete the file") from None
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            if size is not None and rgb.size != (size, size):
+                rgb = _resize_crop(rgb, size)
+            return np.asarray(rgb)
+    except _PIL_ERRORS as exc:
+        raise _unreadable(path, exc) from None
 
 
-def _decode_images(files: list[tuple[Path, int]]) -> tuple[Tensor, Tensor]:
-    """Decode every file into one preallocated array; all images must share one size.
+def _resize_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's reference eval transform at `size`: Resize(int(size / 0.875)) then CenterCrop(size),
+    with its arithmetic (the long side truncated, the crop offset rounded) and PIL's antialiased bilinear,
+    so a model trained through torchvision sees the pixels it was trained on."""
+    width, height = image.size
+    short = int(size / _CROP_FRACTION)
+    if width <= height:
+        width, height = short, int(short * height / width)
+    else:
+        width, height = int(short * width / height), short
+    left, top = round((width - size) / 2), round((height - size) / 2)
+    return image.resize((width, height), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
+
+
+def _mixed_sizes(path: Path, shape: tuple[int, ...], first: Path, first_shape: tuple[int, ...]) -> DfkdError:
+    """The error for an image of another (H, W) than the split's first."""
+    return DfkdError(
+        f"image {path} is {shape[1]}x{shape[0]} but {first} is {first_shape[1]}x{first_shape[0]}: "
+        "resize the dataset's images to one size"
+    )
+
+
+def _decode_images(files: list[tuple[Path, int]], size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Decode (and, given `size`, resize) every file into one preallocated array; all images must come out
+    one size.
 
     Threads overlap file reads and PIL's decoding, which release the GIL: 50k CIFAR JPEGs take about
     3.5 s on 2 cores.
     """
-    first = _decode_file(files[0][0])
+    first = _decode_file(files[0][0], size)
     pixels = np.empty((len(files), *first.shape), dtype=np.uint8)
     pixels[0] = first
 
     def decode_chunk(start: int) -> None:
         for i in range(start, min(start + _CHUNK, len(files))):
-            image = _decode_file(files[i][0])
+            image = _decode_file(files[i][0], size)
             if image.shape != first.shape:
-                raise DfkdError(
-                    f"image {files[i][0]} is {image.shape[1]}x{image.shape[0]} but {files[0][0]} is "
-                    f"{first.shape[1]}x{first.shape[0]}: resize the dataset's images to one size"
-                )
+                raise _mixed_sizes(files[i][0], image.shape, files[0][0], first.shape)
             pixels[i] = image
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -410,19 +678,23 @@ def _read_cifar(root: Path, fmt: _CifarFormat, split: Split) -> tuple[Tensor, Te
 # --------------------------------------------------------------------------------------------- cache
 
 
-def _cache_file(root: Path, split: Split, layout: Layout, sources: list[Path]) -> Path:
+def _cache_file(root: Path, split: Split, layout: Layout, sources: list[Path], size: int | None) -> Path:
     """The cache path for this exact content: the name changes when any source file's size or mtime does.
 
-    The readable prefix (layout, split, a digest of the place) lets a new version replace the stale one.
+    The readable prefix (layout, split, size, a digest of the place) lets a new version replace the stale
+    one, and keeps one file per size. A size joins the key only when given, so the unresized splits cached
+    before sizes existed still match.
     """
     listing = []
     for file in sources:
         stat = file.stat()
         listing.append((file.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
     listing.sort()
-    content = hashlib.sha256(json.dumps([_CACHE_FORMAT, str(root), split, layout, listing]).encode()).hexdigest()
-    place = hashlib.sha256(json.dumps([str(root), split, layout]).encode()).hexdigest()
-    return cache_dir() / f"{layout}-{split}-{place[:16]}-{content[:32]}.safetensors"
+    scope: list[object] = [str(root), split, layout] if size is None else [str(root), split, layout, size]
+    content = hashlib.sha256(json.dumps([_CACHE_FORMAT, *scope, listing]).encode()).hexdigest()
+    place = hashlib.sha256(json.dumps(scope).encode()).hexdigest()
+    sized = "" if size is None else f"-{size}px"
+    return cache_dir() / f"{layout}-{split}{sized}-{place[:16]}-{content[:32]}.safetensors"
 
 
 def _read_cache(path: Path) -> tuple[Tensor, Tensor, list[str]] | None:

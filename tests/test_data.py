@@ -1,4 +1,5 @@
-"""dfkd.data: the three layouts, the cache, the pickle guard, and the on-device augmentation and batching."""
+"""dfkd.data: the CIFAR and ImageFolder layouts, the cache, the pickle guard, and the on-device augmentation and
+batching (Tiny-ImageNet, sizes and streaming: test_data_layouts.py)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     calls: list[Path] = []
     real = data._decode_file
 
-    def counting(path: Path) -> np.ndarray:
+    def counting(path: Path, size: int | None = None) -> np.ndarray:
         calls.append(path)
-        return real(path)
+        return real(path, size)
 
     monkeypatch.setattr(data, "_decode_file", counting)
     return calls
@@ -139,6 +140,17 @@ def test_cifar100_python_folder_uses_fine_labels(tmp_path: Path, give_parent: bo
         assert torch.equal(loaded.images, _as_images([batch]))
         assert loaded.labels.tolist() == batch[b"fine_labels"]
         assert loaded.num_classes == 100 and loaded.classes[42] == "class_042"
+
+
+def test_cifar_is_not_resized(tmp_path: Path, fresh_cache: Path) -> None:
+    """Size 32 is CIFAR's own (the same cache file as no size); any other is one error line naming the fix."""
+    folder = tmp_path / "cifar-10-batches-py"
+    batches = _write_cifar10(folder)
+    assert torch.equal(load_split(folder, "test", size=32).images, _as_images(batches["test"]))
+    load_split(folder, "test")
+    assert len(list(fresh_cache.iterdir())) == 1
+    with pytest.raises(DfkdError, match="CIFAR-10 images are 32x32 and dfkd does not resize them to 64: use a model"):
+        load_split(folder, "test", size=64)
 
 
 class _RunsShell:
