@@ -1,13 +1,15 @@
 """Model checkpoints as `.safetensors` with validated metadata; `.pth` import through weights_only.
 
 Metadata (all strings, as safetensors requires): arch, num_classes, input_size, mean, std, dataset,
-and when known test_acc; any further keys (epochs, tau_mode, loss ...) are kept as extras.
-Nothing is ever unpickled except through `torch.load(weights_only=True)` in `import_pth`.
+and when known test_acc and class_names (a JSON list, in label order); any further keys (epochs,
+tau_mode, loss ...) are kept as extras. Nothing is ever unpickled except through
+`torch.load(weights_only=True)` in `import_checkpoint`.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,7 +27,9 @@ from dfkd.models import create_model, model_spec
 from dfkd.tensor_files import safetensors_bytes
 
 _REQUIRED = ("arch", "num_classes", "mean", "std", "dataset")
-_CORE = set(_REQUIRED) | {"input_size", "test_acc"}
+_CORE = set(_REQUIRED) | {"input_size", "test_acc", "class_names"}
+# What `import_checkpoint` reads: a PyTorch pickle (through weights_only) or a safetensors file.
+_PICKLE_SUFFIXES = (".pth", ".pt")
 
 
 Stats = tuple[float, float, float]
@@ -51,6 +55,32 @@ def _json_number(text: str) -> int | float | str:
     return int(text) if text.lstrip("-").isdigit() else value
 
 
+def _valid_class_names(names: object, num_classes: int) -> tuple[str, ...]:
+    """`names` as a tuple when they are `num_classes` distinct non-blank strings, else a `ValueError` saying why:
+    a name list that does not pair up with the logits would label every class wrongly."""
+    if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
+        raise ValueError("class_names is not a list of non-blank names")
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"class names repeat: {', '.join(repeated[:3])}")
+    return tuple(names)
+
+
+def read_class_names(path: Path, num_classes: int) -> tuple[str, ...]:
+    """The class names in `path`, one a line in label order (surrounding spaces and blank lines ignored)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise DfkdError(f"cannot read class names from {path} ({reason}): pass a text file, one name a line") from None
+    try:
+        return _valid_class_names([line.strip() for line in lines if line.strip()], num_classes)
+    except ValueError as exc:
+        raise DfkdError(f"{path}: {exc}: give one distinct name per class, one a line, in label order") from None
+
+
 @dataclass(frozen=True)
 class CheckpointMeta:
     """What a checkpoint says about itself; `extra` holds keys beyond the core ones."""
@@ -63,6 +93,7 @@ class CheckpointMeta:
     input_size: int = 32
     test_acc: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None  # in label order; None for checkpoints that do not name them
 
     def to_strings(self) -> dict[str, str]:
         out = {
@@ -75,6 +106,8 @@ class CheckpointMeta:
         }
         if self.test_acc is not None:
             out["test_acc"] = f"{self.test_acc:.2f}"
+        if self.class_names is not None:
+            out["class_names"] = json.dumps(list(self.class_names), ensure_ascii=False)
         out.update({k: str(v) for k, v in self.extra.items()})
         return out
 
@@ -89,6 +122,7 @@ class CheckpointMeta:
             "std": list(self.std),
             "dataset": self.dataset,
             "test_acc": self.test_acc,
+            "class_names": None if self.class_names is None else list(self.class_names),
             "extra": {key: _json_number(value) for key, value in self.extra.items()},
         }
 
@@ -110,12 +144,14 @@ class CheckpointMeta:
             test_acc = float(raw["test_acc"]) if raw.get("test_acc") not in (None, "") else None
             if test_acc is not None and not 0.0 <= test_acc <= 100.0:  # also refuses NaN
                 raise ValueError(f"test_acc {raw['test_acc']} is not a percentage in [0, 100]")
+            # json.JSONDecodeError is a ValueError too
+            names = _valid_class_names(json.loads(raw["class_names"]), num_classes) if "class_names" in raw else None
         except ValueError as exc:
             raise DfkdError(f"checkpoint {source} has malformed metadata ({exc}): re-save it with dfkd") from None
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise DfkdError(f"checkpoint {source} needs 3 means and 3 positive stds, got {raw['mean']} / {raw['std']}")
         extra = {k: v for k, v in raw.items() if k not in _CORE}
-        return cls(arch, num_classes, mean, std, raw["dataset"], input_size, test_acc, extra)
+        return cls(arch, num_classes, mean, std, raw["dataset"], input_size, test_acc, extra, names)
 
 
 def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -175,22 +211,37 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `model`, naming missing/extra keys and shape mismatches in the error."""
+def load_state_into(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, num_classes: int | None = None
+) -> None:
+    """Load `state` into `model`, naming the first missing/extra keys and the shapes that differ (file vs model).
+
+    With `num_classes` (what an import was told), weights that differ from the model only in the rows of
+    its head are blamed on that number: the error says how many classes they predict.
+    """
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(given))
     extra = sorted(set(given) - set(expected))
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        parts = [
+            f"{kind} keys {keys[:5]}{f' ... ({len(keys)} in all)' if len(keys) > 5 else ''}"
+            for kind, keys in (("missing", missing), ("unexpected", extra))
+            if keys
+        ]
         raise DfkdError(f"checkpoint {source} does not fit the architecture: {'; '.join(parts)}")
-    bad = [f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if given[k].shape != v.shape]
+    bad = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items() if given[k].shape != v.shape]
     if bad:
-        raise DfkdError(f"checkpoint {source} has tensors of the wrong shape (file vs model): {', '.join(bad[:3])}")
+        shapes = ", ".join(f"{k} {file} vs {wanted}" for k, file, wanted in bad[:3])
+        # The head's tensors (weight, bias) have one row per class: only their first dimension differs.
+        rows = [file[0] for _, file, wanted in bad if file[1:] == wanted[1:] and wanted[:1] == (num_classes,)]
+        if len(rows) == len(bad) and len(set(rows)) == 1:
+            predicted = rows[0]
+            raise DfkdError(
+                f"{source}: the weights predict {predicted} classes, not {num_classes}: pass --num-classes {predicted} "
+                f"(the head has the wrong shape, file vs model: {shapes})"
+            )
+        raise DfkdError(f"checkpoint {source} has tensors of the wrong shape (file vs model): {shapes}")
     model.load_state_dict(given, strict=False)
 
 
@@ -229,27 +280,67 @@ def load_checkpoint(
     return model.to(device).eval(), meta
 
 
-def import_pth(src: Path, dst: Path, meta: CheckpointMeta) -> str:
-    """Convert a `.pth` (a bare state dict or `{"state_dict": ...}`) into a validated `.safetensors`.
+def _read_state(src: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.pth`/`.pt` (a bare state dict or `{"state_dict": ...}`) or a `.safetensors` file,
+    without the `module.` prefix that `nn.DataParallel` adds to every key."""
+    if src.suffix not in (*_PICKLE_SUFFIXES, ".safetensors"):
+        raise DfkdError(f"{src} is neither a .pth/.pt nor a .safetensors file: save the model's state_dict as one")
+    data = src.read_bytes()
+    if src.suffix == ".safetensors":
+        try:
+            state = st_load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise DfkdError(f"{src} is corrupt or truncated ({exc}): re-export or re-download it") from None
+    else:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+            raise DfkdError(
+                f"{src} is not a weights-only PyTorch file ({type(exc).__name__}): export its state_dict"
+            ) from None
+        found = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(found, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in found.items()
+        ):
+            raise DfkdError(f"{src} holds no state dict of tensors: save model.state_dict() and import that")
+        state = found
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
-    The pickle is read with `weights_only=True`, which refuses anything but tensors and plain containers.
-    Returns the new file's sha256.
-    """
-    src = Path(src)
-    if not src.is_file():
-        raise DfkdError(f"{src} does not exist: pass the path of a .pth file")
+
+def _check_input_size(model: nn.Module, meta: CheckpointMeta) -> None:
+    """One forward pass of `model` (in eval mode) on a blank image of the recorded size: a size the architecture
+    cannot take (too small for its downsampling, or not the one a fixed-size model expects) fails at import,
+    not at the start of a run."""
+    size = meta.input_size
     try:
-        obj = torch.load(io.BytesIO(src.read_bytes()), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # noqa: BLE001 - zoo models fail on a bad size with Runtime-, Value- or AssertionError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DfkdError(
-            f"{src} is not a weights-only PyTorch file ({type(exc).__name__}): export its state_dict"
+            f"{meta.arch} cannot classify {size}x{size} images ({reason}): pass the --input-size the weights were "
+            "trained at"
         ) from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise DfkdError(f"{src} holds no state dict of tensors: save model.state_dict() and import that")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def import_checkpoint(src: Path, dst: Path, meta: CheckpointMeta) -> str:
+    """Convert another tool's weights (`.pth`/`.pt` or `.safetensors`) into a validated checkpoint at `dst`.
+
+    A pickle is read with `weights_only=True`, which refuses anything but tensors and plain containers. A
+    safetensors source gives only its tensors: its own metadata (free-form, often just `{"format": "pt"}`) is
+    ignored and `meta` is what the new checkpoint records. The weights must fit `meta.arch` with
+    `meta.num_classes` classes and the model must take `meta.input_size` images before `dst` is written
+    (atomically), so a failed import leaves no file. Returns the new file's sha256.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors":
+        raise DfkdError(f"destination {dst} must end in .safetensors")
+    if not src.is_file():
+        raise DfkdError(f"{src} does not exist: pass the path of a .pth or .safetensors file")
+    if dst.resolve() == src.resolve():
+        raise DfkdError(f"{dst} is the source file itself: write the imported checkpoint to another path")
+    state = _read_state(src)
     model = create_model(meta.arch, meta.num_classes)
-    load_state_into(model, state, str(src))
-    return save_checkpoint(Path(dst), model, meta)
+    load_state_into(model, state, str(src), meta.num_classes)
+    _check_input_size(model.eval(), meta)
+    return save_checkpoint(dst, model, meta)

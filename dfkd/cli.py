@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -21,7 +22,6 @@ from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
 from dfkd.errors import DfkdError
 from dfkd.files import ensure_writable, sha256_file
 from dfkd.models import list_models, model_spec
-from dfkd.models.zoo import CIFAR10_MEAN, CIFAR10_STD
 from dfkd.rundir import RunDir, default_run_dir
 
 # Heavy modules (torch, kornia, codecarbon) are imported inside the commands that need them, so
@@ -344,34 +344,58 @@ def checkpoint_info(path: Path = typer.Argument(..., help="A .safetensors checkp
 @checkpoint_app.command("import")
 @user_errors
 def checkpoint_import(
-    src: Path = typer.Argument(..., help="A .pth file: a bare state dict or {'state_dict': ...}."),
-    dst: Path = typer.Argument(..., help="The .safetensors file to write."),
-    arch: str = typer.Option(..., "--arch", help="Architecture the weights belong to."),
+    src: Path = typer.Argument(
+        ..., help="A .pth/.pt (a state dict or {'state_dict': ...}, read with weights_only=True) or a .safetensors."
+    ),
+    dst: Path = typer.Argument(..., help="The .safetensors file to write (not the source itself)."),
+    arch: str = typer.Option(..., "--arch", help="Architecture the weights belong to (see dfkd models)."),
     num_classes: int = typer.Option(10, "--num-classes", help="Classes the weights predict."),
-    dataset: str = typer.Option("cifar10", "--dataset", help="Name of the data the weights were trained on."),
-    mean: str = typer.Option(",".join(map(str, CIFAR10_MEAN)), "--mean", help="Input normalisation mean, 3 values."),
-    std: str = typer.Option(",".join(map(str, CIFAR10_STD)), "--std", help="Input normalisation std, 3 values."),
+    input_size: int | None = typer.Option(
+        None, "--input-size", help="Side of the square images the weights were trained on.", show_default="the arch's"
+    ),
+    dataset: str | None = typer.Option(
+        None,
+        "--dataset",
+        help="Name of the data the weights were trained on.",
+        show_default="cifar10 for the built-ins, else 'unnamed'",
+    ),
+    mean: str | None = typer.Option(
+        None,
+        "--mean",
+        help="Input normalisation mean, 3 values.",
+        show_default="the arch's: CIFAR-10's for the built-ins",
+    ),
+    std: str | None = typer.Option(
+        None,
+        "--std",
+        help="Input normalisation std, 3 values.",
+        show_default="the arch's: CIFAR-10's for the built-ins",
+    ),
+    class_names: Path | None = typer.Option(
+        None, "--class-names", help="Text file of the class names in label order, one a line; recorded for reports."
+    ),
     test_acc: float | None = typer.Option(None, "--test-acc", help="Known test accuracy in %, recorded in metadata."),
     as_json: bool = JSON,
 ) -> None:
-    """Convert a .pth checkpoint (loaded with weights_only=True) to a validated .safetensors."""
-    from dfkd.checkpoints import CheckpointMeta, import_pth
+    """Convert another tool's weights to a validated .safetensors checkpoint; nothing is written on any error."""
+    from dfkd.checkpoints import CheckpointMeta, import_checkpoint, read_class_names
 
-    if dst.suffix != ".safetensors":
-        raise DfkdError(f"destination {dst} must end in .safetensors")
-    model_spec(arch)
+    spec = model_spec(arch)
     meta = CheckpointMeta.from_strings(
         {
             "arch": arch,
             "num_classes": str(num_classes),
-            "mean": mean,
-            "std": std,
-            "dataset": dataset,
+            "input_size": str(spec.input_size if input_size is None else input_size),
+            "mean": mean if mean is not None else ",".join(map(str, spec.mean)),
+            "std": std if std is not None else ",".join(map(str, spec.std)),
+            "dataset": dataset or ("unnamed" if ":" in arch else "cifar10"),
             **({"test_acc": str(test_acc)} if test_acc is not None else {}),
         },
         "given on the command line",
     )
-    digest = import_pth(src, dst, meta)
+    if class_names is not None:
+        meta = dataclasses.replace(meta, class_names=read_class_names(class_names, meta.num_classes))
+    digest = import_checkpoint(src, dst, meta)
     if as_json:
         print_json({"path": str(dst), "sha256": digest})
     else:
@@ -710,9 +734,12 @@ def validate_command(
         recipe = load_recipe(path)
         missing = missing_files(recipe)
         if missing and recipe_files:
+            teacher_fix = (
+                f" (a teacher: `{recipe.teacher.import_command()}`)" if missing[0].startswith("teacher.") else ""
+            )
             raise DfkdError(
-                f"{path}: {'; '.join(m + ' does not exist' for m in missing)}: provide it, or point the key at it "
-                "(relative paths resolve from the recipe's folder; --set ones from the current directory)"
+                f"{path}: {'; '.join(m + ' does not exist' for m in missing)}: provide it{teacher_fix}, or point the "
+                "key at it (relative paths resolve from the recipe's folder; --set ones from the current directory)"
             )
         teacher_missing = any(m.startswith("teacher.") for m in missing)
         rows.append(

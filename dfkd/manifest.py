@@ -44,6 +44,7 @@ class TeacherRef(TypedDict, total=False):
     num_classes: int  # what chance is (1 / num_classes), for the report's headline
     test_acc: float | None  # the teacher's own test accuracy, as its checkpoint records it
     dataset: str  # what its checkpoint says it was trained on (the report names CIFAR-10's classes by it)
+    class_names: list[str]  # in label order, when its checkpoint records them (the preview's row labels)
 
 
 class SynthesisSection(TypedDict, total=False):

@@ -1,9 +1,11 @@
-"""dfkd.checkpoints: the .safetensors round trip, every way a file can fail to load, and `.pth` import."""
+"""dfkd.checkpoints: the .safetensors round trip, every way a file can fail to load, and `.pth` import
+(the `dfkd checkpoint import` command itself: tests/test_checkpoint_import.py)."""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from safetensors.torch import save_file
 
 from dfkd.checkpoints import (
     CheckpointMeta,
-    import_pth,
+    import_checkpoint,
     load_checkpoint,
     read_meta,
     save_checkpoint,
@@ -101,6 +103,18 @@ def test_round_trip_without_test_acc(tmp_path: Path) -> None:
     assert read_meta(path) == meta and read_meta(path).test_acc is None
 
 
+def test_class_names_round_trip_and_old_checkpoints_have_none(tmp_path: Path) -> None:
+    named = replace(META, num_classes=3, class_names=("cat", "dog", "ēl k"))
+    path = tmp_path / "named.safetensors"
+    save_checkpoint(path, trained_tiny(3), named)
+    assert read_meta(path) == named and read_meta(path).class_names == ("cat", "dog", "ēl k")
+    assert named.to_strings()["class_names"] == '["cat", "dog", "ēl k"]'
+    assert named.to_json()["class_names"] == ["cat", "dog", "ēl k"] and "class_names" not in named.to_json()["extra"]
+    assert META.to_json()["class_names"] is None and "class_names" not in META.to_strings()
+    old = write_raw(tmp_path / "old.safetensors", weights(trained_tiny()), META.to_strings())
+    assert load_checkpoint(old)[1].class_names is None, "a checkpoint from before class names still loads"
+
+
 def test_reference_teacher_loads_through_the_validated_path(reference_teacher: Path) -> None:
     model, meta = load_checkpoint(reference_teacher, arch="wrn40_2", num_classes=10)
     assert meta.arch == "wrn40_2" and meta.num_classes == 10 and meta.test_acc == 91.20
@@ -170,6 +184,11 @@ def test_missing_metadata(tmp_path: Path, drop: str | None) -> None:
         ("mean", "0.5,0.5", "needs 3 means and 3 positive stds"),
         ("std", "0.2,0,0.2", "needs 3 means and 3 positive stds"),
         ("arch", "resnet9000", "unknown model 'resnet9000'"),
+        ("class_names", "cat,dog", "malformed metadata"),
+        ("class_names", '["cat", "dog"]', r"malformed metadata \(2 class names for 10 classes\)"),
+        ("class_names", '["a", "b", "c", "d", "e", "f", "g", "h", "a", "b"]', "class names repeat: a, b"),
+        ("class_names", '["a", "b", "c", "d", "e", "f", "g", "h", "i", " "]', "not a list of non-blank names"),
+        ("class_names", '{"0": "cat"}', "not a list of non-blank names"),
     ],
 )
 def test_malformed_metadata(tmp_path: Path, key: str, value: str, words: str) -> None:
@@ -234,7 +253,7 @@ def test_pth_import(tmp_path: Path, form: str) -> None:
     src = tmp_path / "ckpt.pth"
     torch.save(obj, src)
     dst = tmp_path / "out" / "ckpt.safetensors"
-    digest = import_pth(src, dst, META)
+    digest = import_checkpoint(src, dst, META)
     assert digest == sha256_file(dst)
     loaded, meta = load_checkpoint(dst, arch="tiny")
     assert meta == META
@@ -255,7 +274,7 @@ def test_pth_with_arbitrary_objects_is_refused(tmp_path: Path, payload: object) 
     torch.save(payload, src)
     dst = tmp_path / "evil.safetensors"
     with pytest.raises(DfkdError, match="is not a weights-only PyTorch file"):
-        import_pth(src, dst, META)
+        import_checkpoint(src, dst, META)
     assert list(tmp_path.iterdir()) == [src], "nothing is written at or beside dst"
 
 
@@ -274,7 +293,7 @@ def test_pth_without_a_state_dict_of_tensors(tmp_path: Path, obj: object) -> Non
     src = tmp_path / "odd.pth"
     torch.save(obj, src)
     with pytest.raises(DfkdError, match="holds no state dict of tensors"):
-        import_pth(src, tmp_path / "odd.safetensors", META)
+        import_checkpoint(src, tmp_path / "odd.safetensors", META)
     assert not (tmp_path / "odd.safetensors").exists()
 
 
@@ -284,7 +303,7 @@ def test_pth_that_does_not_fit(tmp_path: Path) -> None:
     dst = tmp_path / "w.safetensors"
     meta = CheckpointMeta("tiny", 100, CIFAR10_MEAN, CIFAR10_STD, "cifar100")
     with pytest.raises(DfkdError, match="wrong shape"):
-        import_pth(src, dst, meta)
+        import_checkpoint(src, dst, meta)
     assert not dst.exists()
 
 
@@ -292,9 +311,9 @@ def test_pth_import_of_garbage_and_of_nothing(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00not a zip or a pickle" * 10)
     with pytest.raises(DfkdError, match="is not a weights-only PyTorch file"):
-        import_pth(garbage, tmp_path / "g.safetensors", META)
-    with pytest.raises(DfkdError, match="does not exist: pass the path of a .pth file"):
-        import_pth(tmp_path / "missing.pth", tmp_path / "m.safetensors", META)
+        import_checkpoint(garbage, tmp_path / "g.safetensors", META)
+    with pytest.raises(DfkdError, match="does not exist: pass the path of a .pth or .safetensors file"):
+        import_checkpoint(tmp_path / "missing.pth", tmp_path / "m.safetensors", META)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pth"]
 
 

@@ -148,6 +148,7 @@ def test_teacher_train_records_the_size_and_statistics_of_its_data(tmp_path: Pat
     meta = read_meta(out)
     mean, std = load_split(data, "train").channel_stats()
     assert meta.input_size == 64 and meta.num_classes == 2
+    assert meta.class_names == tuple(load_split(data, "train").classes)  # the class folders, in label order
     assert meta.mean == pytest.approx(mean, rel=1e-5) and meta.std == pytest.approx(std, rel=1e-5)
     # Uniform 0..95 everywhere, +150 on channel 0 (red) or 2 (blue) for half the images each.
     assert meta.mean[0] == pytest.approx((47.5 + 75) / 255, abs=0.02) and meta.mean[1] == pytest.approx(

@@ -302,9 +302,11 @@ def _preview_html(run: dict[str, Any]) -> str:
 
 
 def class_names(run: dict[str, Any]) -> list[str]:
-    """The preview's row labels: CIFAR-10's class names for a 10-class teacher whose checkpoint says it was
-    trained on CIFAR-10, else the class indices (checkpoints do not record class names yet)."""
+    """The preview's row labels: the class names the teacher's checkpoint records, else CIFAR-10's for a
+    10-class teacher whose checkpoint says it was trained on CIFAR-10, else the class indices."""
     teacher = run["config"]["stages"].get("synthesis", {}).get("teacher", {})
+    if teacher.get("class_names"):
+        return [str(name) for name in teacher["class_names"]]
     classes = int(teacher.get("num_classes") or 0) or 10
     dataset = str(teacher.get("dataset", "")).lower().replace("-", "").replace("_", "")
     if classes == 10 and "cifar10" in dataset:

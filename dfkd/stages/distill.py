@@ -30,7 +30,7 @@ from dfkd.checkpoints import CheckpointMeta, load_checkpoint, load_state_into, s
 from dfkd.config.distill import DistillConfig
 from dfkd.config.overrides import config_dict
 from dfkd.config.tau import TauSpec
-from dfkd.data import ImageSet, load_split, stratified_subset
+from dfkd.data import AnySplit, ImageSet, load_split, stratified_subset
 from dfkd.device import (
     Precision,
     compiled,
@@ -77,7 +77,7 @@ class PreparedDistill:
     teacher_sha256: str
     device: torch.device
     data: DistillData
-    test_set: ImageSet | None = None
+    test_set: AnySplit | None = None
     trials: list[str] = field(default_factory=list)
     source: str = ""
     precision: Precision = "fp32"
@@ -137,8 +137,8 @@ def prepare_distill(config: DistillConfig, run: RunDir, fresh: bool = False) -> 
     teacher_path, teacher_sha = _resolve_teacher(config, run)
     teacher, meta = load_checkpoint(teacher_path)
     if config.data:
-        real = load_split(Path(config.data), "train")
-        check_classes(real, meta.num_classes, teacher_path)
+        real = load_split(Path(config.data), "train", meta.input_size)
+        check_classes(real, meta, teacher_path)
         source, real_labels = real, True
     else:
         shards = SyntheticSet(run).load_complete()
@@ -159,9 +159,9 @@ def prepare_distill(config: DistillConfig, run: RunDir, fresh: bool = False) -> 
         val_source = (
             real
             if config.data and Path(config.val_data).resolve() == Path(config.data).resolve()
-            else load_split(Path(config.val_data), "train")
+            else load_split(Path(config.val_data), "train", meta.input_size)
         )
-        check_classes(val_source, meta.num_classes, teacher_path)
+        check_classes(val_source, meta, teacher_path)
         rest, validation = _split_holdout(val_source, config.val_size / len(val_source), config.seed)
         if val_source is source:
             source = rest
@@ -175,8 +175,8 @@ def prepare_distill(config: DistillConfig, run: RunDir, fresh: bool = False) -> 
         )
     test_set = None
     if config.eval_data:
-        test_set = load_split(Path(config.eval_data), "test")
-        check_classes(test_set, meta.num_classes, teacher_path)
+        test_set = load_split(Path(config.eval_data), "test", meta.input_size, stream=True)
+        check_classes(test_set, meta, teacher_path)
     teacher = prepare_model(teacher, device, precision).eval()
     teacher.requires_grad_(False)
     holdout_logits = predict_logits(teacher, holdout.images, meta.mean, meta.std, device, precision=precision).cpu()
@@ -378,7 +378,7 @@ def student_figures(
     holdout: ImageSet,
     teacher_holdout_logits: torch.Tensor,
     validation: ImageSet | None,
-    test_set: ImageSet | None,
+    test_set: AnySplit | None,
 ) -> dict[str, Any]:
     """Agreement with the teacher on held-out synthetic images; validation / test accuracy where that data was given."""
     figures: dict[str, Any] = {
@@ -400,7 +400,8 @@ def student_figures(
 def student_checkpoint_meta(
     arch: str, teacher: CheckpointMeta, test_acc: float | None, extra: dict[str, str]
 ) -> CheckpointMeta:
-    """A student's checkpoint metadata: its architecture, the teacher's classes, normalisation and input size."""
+    """A student's checkpoint metadata: its architecture, the teacher's classes (and their names), normalisation
+    and input size."""
     return CheckpointMeta(
         arch=arch,
         num_classes=teacher.num_classes,
@@ -410,6 +411,7 @@ def student_checkpoint_meta(
         input_size=teacher.input_size,
         test_acc=test_acc,
         extra=extra,
+        class_names=teacher.class_names,
     )
 
 

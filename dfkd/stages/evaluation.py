@@ -60,9 +60,9 @@ def evaluate_run_student(run: RunDir, data: str, carbon: CarbonConfig, device: t
     if not run.artifact_intact(student_path):
         raise DfkdError(f"run dir {run.root} has no intact student to evaluate: finish its distillation first")
     wanted = resolved_data(data)
-    test_set = load_split(Path(wanted), "test")
     model, meta = load_checkpoint(student_path)
-    check_classes(test_set, meta.num_classes, student_path)
+    test_set = load_split(Path(wanted), "test", meta.input_size, stream=True)
+    check_classes(test_set, meta, student_path)
     digest = sha256_file(student_path)
 
     precision = default_precision(device)

@@ -96,6 +96,7 @@ def train_teacher(config: TeacherConfig, out: Path, run: RunDir, show_progress: 
         input_size=input_size,
         test_acc=accuracy,
         extra={"epochs": str(config.epochs), "trained_utc": utc_now(), "recipe": "dfkd teacher train"},
+        class_names=tuple(train_set.classes),
     )
     digest = save_checkpoint(out, model, meta)
     run.update_manifest(
