@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dfkd.device import Precision, autocast, default_precision, uses_channels_last
 from synthesizers.bn_stats import BatchNormStatistics
 from synthesizers.configs import MethodConfig
+from synthesizers.memory import training_bytes_per_image
 
 Progress = Callable[[int, Tensor], None]
 SynthesizerState = dict[str, dict[str, Any]]
@@ -61,6 +62,8 @@ class Synthesizer(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
     instance_features: ClassVar[bool] = False
+    # How many augmented views of each image one step forwards through the teacher (CMI: two at once).
+    teacher_views: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -144,6 +147,29 @@ class Synthesizer(ABC):
     def persistent_memory(cls, config: Any, teacher: nn.Module) -> tuple[int, str]:
         """Bytes the method keeps across batches on its device, and what they are (checked before a run)."""
         return 0, "nothing"
+
+    @classmethod
+    def bytes_per_image(
+        cls,
+        config: Any,
+        teacher: nn.Module,
+        image_size: int,
+        precision: Precision,
+        student: nn.Module | None = None,
+    ) -> int:
+        """Estimated device memory one image of a batch takes during a step (`synthesizers.memory`): the
+        teacher's forward and backward over every view, the student's when the step is student-aware, and
+        what the method itself adds (`own_bytes_per_image`)."""
+        image = torch.zeros(1, 3, image_size, image_size)
+        total = cls.teacher_views * training_bytes_per_image(teacher, image, precision)
+        if student is not None:
+            total += training_bytes_per_image(student, image, precision)
+        return total + cls.own_bytes_per_image(config, image_size, precision)
+
+    @classmethod
+    def own_bytes_per_image(cls, config: Any, image_size: int, precision: Precision) -> int:
+        """Memory per image the method holds beyond the teacher's and student's passes (a generator, pixels)."""
+        return 0
 
     @abstractmethod
     def synthesize(

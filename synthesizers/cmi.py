@@ -49,7 +49,7 @@ from synthesizers.base import (
 )
 from synthesizers.bn_stats import batchnorm_layers
 from synthesizers.configs import CMIConfig
-from synthesizers.generator import Generator, check_image_size, crop_flip_view
+from synthesizers.generator import Generator, check_image_size, crop_flip_view, generator_bytes_per_image
 from synthesizers.registry import register
 
 
@@ -80,6 +80,7 @@ class CMI(Synthesizer):
     name: ClassVar[str] = "cmi"
     config_class: ClassVar[type] = CMIConfig
     instance_features: ClassVar[bool] = True
+    teacher_views: ClassVar[int] = 2  # the local and the global view, forwarded as one batch
     config: CMIConfig
 
     def __init__(
@@ -110,6 +111,10 @@ class CMI(Synthesizer):
         self.global_view = nn.Sequential(
             K.RandomResizedCrop(size, scale=(0.25, 1.0), cropping_mode="resample"), K.RandomHorizontalFlip()
         )
+
+    @classmethod
+    def own_bytes_per_image(cls, config: CMIConfig, image_size: int, precision: Precision) -> int:
+        return generator_bytes_per_image(config, image_size, precision)
 
     @classmethod
     def persistent_memory(cls, config: CMIConfig, teacher: nn.Module) -> tuple[int, str]:

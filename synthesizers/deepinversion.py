@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dfkd.device import Precision
 from synthesizers.base import (
     Progress,
     SynthesisBatch,
@@ -62,6 +63,11 @@ class DeepInversion(Synthesizer):
     name: ClassVar[str] = "deepinversion"
     config_class: ClassVar[type] = DeepInversionConfig
     config: DeepInversionConfig
+
+    @classmethod
+    def own_bytes_per_image(cls, config: DeepInversionConfig, image_size: int, precision: Precision) -> int:
+        """The optimised fp32 pixels, their gradient, Adam's two moments and the best iterate kept."""
+        return 5 * 4 * 3 * image_size**2
 
     def synthesize(
         self, targets: Tensor, progress: Progress | None = None, student: nn.Module | None = None

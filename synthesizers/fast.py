@@ -41,7 +41,7 @@ from synthesizers.base import (
     keep_lowest,
 )
 from synthesizers.configs import FastConfig
-from synthesizers.generator import Generator, check_image_size, crop_flip_view
+from synthesizers.generator import Generator, check_image_size, crop_flip_view, generator_bytes_per_image
 from synthesizers.registry import register
 
 
@@ -52,6 +52,10 @@ class Fast(Synthesizer):
     name: ClassVar[str] = "fast"
     config_class: ClassVar[type] = FastConfig
     config: FastConfig
+
+    @classmethod
+    def own_bytes_per_image(cls, config: FastConfig, image_size: int, precision: Precision) -> int:
+        return generator_bytes_per_image(config, image_size, precision)
 
     def __init__(
         self,

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import kornia.augmentation as K
+import torch
 from torch import Tensor, nn
+
+from dfkd.device import Precision
+from synthesizers.memory import training_bytes_per_image
 
 
 def crop_flip_view(image_size: int) -> nn.Module:
@@ -62,3 +68,10 @@ class Generator(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         out = self.project(z).view(z.shape[0], -1, self.init_size, self.init_size)
         return self.body(out)
+
+
+def generator_bytes_per_image(config: Any, image_size: int, precision: Precision) -> int:
+    """Memory per image of a generator method's step beyond the networks' passes: the generator's forward and
+    backward from the latent code, and the fp32 copy of the best image kept so far."""
+    generator = Generator(config.nz, config.ngf, image_size)
+    return training_bytes_per_image(generator, torch.zeros(1, config.nz), precision) + 4 * 3 * image_size**2

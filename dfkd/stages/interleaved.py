@@ -40,8 +40,8 @@ from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, save_checkpoint
 from dfkd.config.overrides import config_dict
 from dfkd.config.recipe import Recipe
-from dfkd.data import ImageSet, load_split
-from dfkd.device import Precision, compiled, free_memory_bytes, prepare_model, seed_everything
+from dfkd.data import AnySplit, ImageSet, load_split
+from dfkd.device import Precision, compiled, prepare_model, seed_everything
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes, utc_now
 from dfkd.losses import get_loss
@@ -71,6 +71,7 @@ from dfkd.stages.synthesis import (
     adopt_recorded_precision,
     batch_targets,
     build_synthesizer,
+    check_memory,
     check_same_synthesis,
     load_synthesizer_state,
     prepare_synthesis,
@@ -97,7 +98,7 @@ class PreparedInterleaved:
 
     recipe: Recipe
     synthesis: PreparedSynthesis
-    test_set: ImageSet | None
+    test_set: AnySplit | None
 
     @property
     def set_hash(self) -> str:
@@ -150,23 +151,25 @@ class PreparedInterleaved:
 
 def prepare_interleaved(recipe: Recipe) -> PreparedInterleaved:
     """Validate the method, teacher, student, test data and the pool's memory before any file is written."""
-    synthesis = prepare_synthesis(recipe.synthesis)
+    synthesis = prepare_synthesis(recipe.synthesis, check_fit=False)
     meta = synthesis.teacher_meta
     get_loss(recipe.distill.loss)
-    create_model(recipe.distill.student, meta.num_classes)
+    student = create_model(recipe.distill.student, meta.num_classes)
     test_set = None
     if recipe.evaluate.data:
-        test_set = load_split(recipe.evaluate.data, "test")
-        check_classes(test_set, meta.num_classes, recipe.synthesis.teacher)
+        test_set = load_split(recipe.evaluate.data, "test", meta.input_size, stream=True)
+        check_classes(test_set, meta, recipe.synthesis.teacher)
     prepared = PreparedInterleaved(recipe, synthesis, test_set)
     needed, _ = get_synthesizer(recipe.synthesis.method).persistent_memory(synthesis.method_config, synthesis.teacher)
-    free = free_memory_bytes(synthesis.device)
-    if prepared.pool_bytes() + needed > free:
-        raise DfkdError(
-            f"the interleaved pool of {recipe.synthesis.num_images} images ({prepared.pool_bytes() / 2**30:.3g} GiB) "
-            f"and the method's own {needed / 2**30:.3g} GiB need more than the {free / 2**30:.3g} GiB free on "
-            f"{synthesis.device}: lower synthesize.num_images"
-        )
+    pool = prepared.pool_bytes()
+    check_memory(
+        synthesis,
+        pool + needed,
+        f"the interleaved pool of {recipe.synthesis.num_images} images ({pool / 2**30:.3g} GiB) "
+        f"and the method's own {needed / 2**30:.3g} GiB",
+        "lower synthesize.num_images",
+        student=student,
+    )
     return prepared
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from torch import nn
 from torchvision.utils import save_image
 
 from dfkd.carbon.config import CarbonConfig
@@ -88,8 +89,11 @@ class PreparedSynthesis:
         return min(self.config.batch_size, self.config.num_images - index * self.config.batch_size)
 
 
-def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) -> PreparedSynthesis:
-    """Validate the method, its settings and the teacher before any file is written."""
+def prepare_synthesis(
+    config: SynthesisConfig, iterations: int | None = None, check_fit: bool = True
+) -> PreparedSynthesis:
+    """Validate the method, its settings and the teacher before any file is written, and with `check_fit` that
+    the method's state and one batch fit the device (the interleaved mode checks them beside its pool itself)."""
     try:
         config_class = method_config_class(config.method)
     except ValueError:
@@ -106,15 +110,47 @@ def prepare_synthesis(config: SynthesisConfig, iterations: int | None = None) ->
             "matches BN statistics, so use a teacher with BatchNorm"
         )
     device = resolve_device(config.device)
-    needed, what = get_synthesizer(config.method).persistent_memory(method_config, teacher)
-    free = free_memory_bytes(device)
-    if needed > free:
-        raise DfkdError(
-            f"{what} needs {needed / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB free on {device}: "
-            f"lower the {config.method} setting that sets its size"
-        )
     precision: Precision = default_precision(device) if method_config.amp else "fp32"
-    return PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), device, precision)
+    prepared = PreparedSynthesis(config, method_config, teacher, meta, sha256_file(teacher_path), device, precision)
+    if check_fit:
+        needed, what = get_synthesizer(config.method).persistent_memory(method_config, teacher)
+        check_memory(prepared, needed, what, f"lower the {config.method} setting that sets its size")
+    return prepared
+
+
+def check_memory(
+    prepared: PreparedSynthesis, reserved: int, reserved_for: str, reserved_fix: str, student: nn.Module | None = None
+) -> None:
+    """Refuse, before any file is written, what would not fit in the device's free memory: `reserved` bytes
+    kept for the whole stage (`reserved_for`, lowered by `reserved_fix`), then one synthesis batch beside
+    them (the method's estimate per image, `Synthesizer.bytes_per_image`, with `student` when the batch is
+    made against one). A batch too large is refused with the batch size that would fit."""
+    config, device = prepared.config, prepared.device
+    free = free_memory_bytes(device)
+    if reserved > free:
+        raise DfkdError(
+            f"{reserved_for} needs {reserved / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB "
+            f"free on {device}: {reserved_fix}"
+        )
+    size = prepared.teacher_meta.input_size
+    per_image = get_synthesizer(config.method).bytes_per_image(
+        prepared.method_config, prepared.teacher, size, prepared.precision, student
+    )
+    needed = config.batch_size * per_image
+    if reserved + needed <= free:
+        return
+    fits = (free - reserved) // per_image
+    fix = (
+        f"set the synthesis batch size to {fits} or less (--batch-size, or synthesize.batch_size in a recipe)"
+        if fits
+        else "not one image fits: use a device with more memory or a teacher with a smaller input size"
+    )
+    beside = f" beside {reserved / 2**30:.3g} GiB for {reserved_for}" if reserved else ""
+    raise DfkdError(
+        f"a synthesis batch of {config.batch_size} {size}x{size} images needs about {needed / 2**30:.3g} GiB "
+        f"({config.method} inverting {prepared.teacher_meta.arch} in {prepared.precision}){beside}, more than the "
+        f"{free / 2**30:.3g} GiB free on {device}: {fix}"
+    )
 
 
 def adopt_recorded_precision(prepared: PreparedSynthesis, recorded: SynthesisSection) -> None:
@@ -134,6 +170,7 @@ def teacher_ref(prepared: PreparedSynthesis) -> TeacherRef:
         "num_classes": meta.num_classes,
         "test_acc": meta.test_acc,
         "dataset": meta.dataset,
+        **({"class_names": list(meta.class_names)} if meta.class_names is not None else {}),
     }
 
 

@@ -255,9 +255,9 @@ def test_a_method_without_a_student_term_cannot_run_interleaved(
 def test_a_pool_larger_than_memory_is_refused_before_anything_is_written(
     tmp_path: Path, tiny_interleaved: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dfkd.stages.interleaved as interleaved
+    import dfkd.stages.synthesis as synthesis
 
-    monkeypatch.setattr(interleaved, "free_memory_bytes", lambda device: 100_000)
+    monkeypatch.setattr(synthesis, "free_memory_bytes", lambda device: 100_000)
     run = tmp_path / "run"
     message = fails("run", FAST, "--run", str(run), *tiny_interleaved)
     assert "the interleaved pool of 48 images" in message and "lower synthesize.num_images" in message
