@@ -9,7 +9,7 @@ from typing import Literal
 
 from dfkd.config.overrides import check_finite, config_dict
 from dfkd.config.tau import TauSpec, parse_tau
-from dfkd.models import model_spec
+from dfkd.models import check_model_name
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        model_spec(self.student)
+        check_model_name(self.student)
         mode = parse_tau(self.tau).mode
         if mode != "stochastic" and self.tau_per == "sample":
             raise ValueError(f"--tau-per sample needs --tau stochastic: a {mode} tau is the same for every image")

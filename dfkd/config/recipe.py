@@ -7,9 +7,10 @@ through `apply_overrides`, so a recipe and the CLI flags are checked by the same
 keys that belong to another section are left out (the teacher, the device, the evaluation data).
 `[synthesize]` also takes `iterations` and a `[synthesize.settings]` table of method settings.
 
-Relative paths are taken from the directory `dfkd` runs in (the repository root for the shipped
-recipes). Validation checks structure and values, not that a user-provided file exists: the
-CIFAR-100 teacher is the user's to supply, and `dfkd run` names it when it is missing.
+Relative paths in a recipe resolve from the recipe file's folder (`--set` ones from the current directory).
+Validation checks structure and values, not that a user-provided file exists: the CIFAR-100,
+Tiny-ImageNet and ImageNet teachers are the user's to supply, and `dfkd run` names the command that
+imports one when it is missing.
 No torch here: the synthesizer registry validates the method settings without loading the methods.
 """
 
@@ -57,11 +58,38 @@ class RunSection:
 
 @dataclass(frozen=True)
 class TeacherSection:
+    """The teacher's checkpoint and, for a teacher the user provides, what it must be: `arch`, `num_classes`
+    and `input_size` (0 / empty: anything). They are checked against the checkpoint before a run starts, and
+    a missing checkpoint is refused with the `dfkd checkpoint import` command that makes one."""
+
     checkpoint: str = str(EMBEDDED_TEACHER_PATH)
+    arch: str = ""
+    num_classes: int = 0
+    input_size: int = 0
 
     def __post_init__(self) -> None:
         if not self.checkpoint.endswith(".safetensors"):
             raise ValueError(f"checkpoint must be a .safetensors file, got {self.checkpoint!r}")
+        if self.num_classes < 0 or self.num_classes == 1 or self.input_size < 0:
+            raise ValueError("num_classes must be 0 (any) or at least 2, input_size 0 (any) or positive")
+
+    def import_command(self) -> str:
+        """The command that turns the user's own weights into this teacher checkpoint."""
+        arch = self.arch or "<architecture>"
+        classes = self.num_classes or "<classes>"
+        size = f" --input-size {self.input_size}" if self.input_size else ""
+        return f"dfkd checkpoint import YOUR_WEIGHTS.pth {self.checkpoint} --arch {arch} --num-classes {classes}{size}"
+
+    def mismatch(self, arch: str, num_classes: int, input_size: int) -> str | None:
+        """What differs between this section's expectations and a checkpoint's metadata, or None."""
+        expected = {"arch": (self.arch, arch), "num_classes": (self.num_classes, num_classes)}
+        expected["input_size"] = (self.input_size, input_size)
+        wrong = [
+            f"{key} {found} (the recipe expects {want})"
+            for key, (want, found) in expected.items()
+            if want and want != found
+        ]
+        return ", ".join(wrong) or None
 
 
 @dataclass(frozen=True)
@@ -246,7 +274,11 @@ def build_recipe(
     _resolve_paths(merged, from_file, (base or Path.cwd()).resolve())
     run = _section("run", merged.get("run", {}), RunSection(), _keys(RunSection, ()), from_file.get("run", set()))
     teacher = _section(
-        "teacher", merged.get("teacher", {}), TeacherSection(), ["checkpoint"], from_file.get("teacher", set())
+        "teacher",
+        merged.get("teacher", {}),
+        TeacherSection(),
+        _keys(TeacherSection, ()),
+        from_file.get("teacher", set()),
     )
     raw_synthesis = dict(merged.get("synthesize", {}))
     settings = raw_synthesis.pop("settings", {})

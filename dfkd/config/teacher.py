@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dfkd.config.overrides import check_finite
-from dfkd.models import model_spec
+from dfkd.models import check_model_name
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        model_spec(self.arch)
+        check_model_name(self.arch)
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.eval_every < 1:
             raise ValueError("epochs, batch_size, eval_every must be >= 1 and lr > 0")
         if not 0 <= self.warmup_epochs < self.epochs:

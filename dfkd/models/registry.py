@@ -52,6 +52,18 @@ def model_spec(name: str) -> ModelSpec:
         ) from None
 
 
+def check_model_name(name: str) -> None:
+    """What a config checks a model name by, without needing torch: a built-in or zoo name that does not exist is
+    a `DfkdError`. A zoo name is checked against its zoo wherever torch can be imported; the torch-free read side
+    (`dfkd validate` on a machine without torch) checks only its zoo, and the model is checked where it runs,
+    before any stage starts."""
+    try:
+        model_spec(name)
+    except ImportError:
+        if ":" not in name:
+            raise
+
+
 def create_model(name: str, num_classes: int) -> nn.Module:
     """Build a freshly initialised model by registry name."""
     if num_classes < 2:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dfkd.checkpoints import read_meta
 from dfkd.config.recipe import Recipe
 from dfkd.data import check_data_path
 from dfkd.errors import DfkdError
@@ -31,7 +32,21 @@ STUDY_FILE = "tau-study.json"
 
 
 def check_inputs(recipe: Recipe) -> None:
-    """Every data path the recipe names exists and is readable, before any run dir is made."""
+    """The teacher is there and is what the recipe expects, and every data path the recipe names exists and
+    is readable, before any run dir is made."""
+    teacher = recipe.teacher
+    if not Path(teacher.checkpoint).is_file():
+        raise DfkdError(
+            f"teacher checkpoint {teacher.checkpoint} does not exist: make it from your weights with "
+            f"`{teacher.import_command()}`, or point teacher.checkpoint at one"
+        )
+    meta = read_meta(Path(teacher.checkpoint))
+    wrong = teacher.mismatch(meta.arch, meta.num_classes, meta.input_size)
+    if wrong:
+        raise DfkdError(
+            f"teacher checkpoint {teacher.checkpoint} holds {wrong}: import the weights the recipe is for with "
+            f"`{teacher.import_command()}`, or change [teacher] in the recipe"
+        )
     for path in (recipe.evaluate.data, recipe.distill.data, recipe.distill.val_data):
         if path:
             check_data_path(path)
@@ -39,11 +54,12 @@ def check_inputs(recipe: Recipe) -> None:
 
 # Settings that change no stage's output: how a run is described, where it runs, what its finished
 # student is evaluated on, how its energy is accounted. They may differ on a rerun of the same run dir.
-# So may the teacher's path: the stages identify the teacher by its sha256 and refuse another one.
+# So may the teacher section (its path, and what a user-provided teacher must be, checked before a run): the
+# stages identify the teacher by its sha256 and refuse another one.
 STEP_KEYS = (
     "run.description",
     "run.device",
-    "teacher.checkpoint",
+    "teacher.",
     "evaluate.data",
     "evaluate.every",
     "distill.compile",
