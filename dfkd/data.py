@@ -365,6 +365,30 @@ def split_shape(path: Path | str) -> tuple[int, int]:
     return len(classes), _image_size(files[0][0])[0]
 
 
+@dataclass(frozen=True)
+class SplitClasses:
+    """The class names of a split in label order, and where they come from, read without decoding an image."""
+
+    classes: list[str]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def split_classes(path: Path | str, split: Split) -> SplitClasses:
+    """The classes of one split of the dataset at `path` (CIFAR: its meta file; file layouts: their listing), so
+    a command can check them against a checkpoint before it makes a run dir or decodes anything."""
+    layout, root = _find_layout(Path(path).expanduser())
+    root = root.resolve()
+    source = f"{layout} {root} ({split})"
+    if layout in _CIFAR:
+        fmt = _CIFAR[layout]
+        return SplitClasses(_cifar_class_names(root, fmt), source)
+    return SplitClasses(_list_split(root, layout, split)[0], source)
+
+
 def split_size(path: Path | str, split: Split) -> int:
     """How many images one split holds, without decoding it (CIFAR: 50,000 train, 10,000 test)."""
     layout, root = _find_layout(Path(path).expanduser())
@@ -640,12 +664,17 @@ def _unpickle(path: Path) -> dict[Any, Any]:
     return content
 
 
-def _read_cifar(root: Path, fmt: _CifarFormat, split: Split) -> tuple[Tensor, Tensor, list[str]]:
-    """Images, labels and class names of one split; rows of `data` are 1024 R, 1024 G, 1024 B bytes."""
+def _cifar_class_names(root: Path, fmt: _CifarFormat) -> list[str]:
+    """The class names in the CIFAR folder's meta file, in label order."""
     names = _unpickle(root / fmt.meta).get(fmt.names_key)
     if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
         raise DfkdError(f"{root / fmt.meta} has no {fmt.names_key.decode()} list: download the dataset again")
-    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
+    return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+
+def _read_cifar(root: Path, fmt: _CifarFormat, split: Split) -> tuple[Tensor, Tensor, list[str]]:
+    """Images, labels and class names of one split; rows of `data` are 1024 R, 1024 G, 1024 B bytes."""
+    classes = _cifar_class_names(root, fmt)
     images, labels = [], []
     for name in fmt.splits[split]:
         batch = _unpickle(root / name)

@@ -14,7 +14,15 @@ import torch
 from PIL import Image
 
 import dfkd.data as data
-from dfkd.data import ImageSet, check_data_path, iterate_batches, load_split, normalize, random_crop_flip
+from dfkd.data import (
+    ImageSet,
+    check_data_path,
+    iterate_batches,
+    load_split,
+    normalize,
+    random_crop_flip,
+    split_classes,
+)
 from dfkd.errors import DfkdError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -123,6 +131,8 @@ def test_cifar10_python_folder(tmp_path: Path, protocol: int, numpy1_names: bool
         assert loaded.labels.tolist() == [label for b in expected for label in b[b"labels"]]
         assert loaded.classes == CIFAR10_CLASSES
         assert loaded.source == f"cifar10-python {folder.resolve()} ({split})"
+        listed = split_classes(tmp_path if give_parent else folder, split)  # type: ignore[arg-type]
+        assert (listed.classes, listed.source) == (loaded.classes, loaded.source)  # from the meta file alone
 
 
 @pytest.mark.parametrize("give_parent", [False, True], ids=["folder", "parent"])
@@ -140,6 +150,7 @@ def test_cifar100_python_folder_uses_fine_labels(tmp_path: Path, give_parent: bo
         assert torch.equal(loaded.images, _as_images([batch]))
         assert loaded.labels.tolist() == batch[b"fine_labels"]
         assert loaded.num_classes == 100 and loaded.classes[42] == "class_042"
+        assert split_classes(folder, split).classes == loaded.classes  # type: ignore[arg-type]
 
 
 def test_cifar_is_not_resized(tmp_path: Path, fresh_cache: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
-from dfkd.data import AnySplit, ImageSet, StreamedSplit, load_split, normalize
+from dfkd.data import AnySplit, ImageSet, SplitClasses, StreamedSplit, load_split, normalize
 from dfkd.device import Precision, autocast, default_precision, prepare_model, uses_channels_last
 from dfkd.errors import DfkdError
 from dfkd.metrics import classification_metrics
@@ -62,7 +62,7 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
-def check_classes(test_set: AnySplit, meta: CheckpointMeta, model_path: Path | str) -> None:
+def check_classes(test_set: AnySplit | SplitClasses, meta: CheckpointMeta, model_path: Path | str) -> None:
     """Data whose classes are not the model's would be scored (or trained on) under the wrong labels: their
     count must match, and so must their names, in label order, where the checkpoint records them."""
     if test_set.num_classes != meta.num_classes:

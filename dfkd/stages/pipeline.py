@@ -15,13 +15,14 @@ from typing import Any
 
 from dfkd.checkpoints import read_meta
 from dfkd.config.recipe import Recipe
-from dfkd.data import check_data_path
+from dfkd.data import Split, check_data_path, split_classes
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, atomic_write_json
 from dfkd.manifest import distillation_of, synthesis_of
 from dfkd.report.build import build_report
 from dfkd.rundir import ESTIMATE_FILE, SYNTHETIC_DIR, RunDir
 from dfkd.stages.distill import check_same_distillation, distill_run, recorded_identity, student_source
+from dfkd.stages.evaluate import check_classes
 from dfkd.stages.evaluation import evaluate_run_student
 from dfkd.stages.interleaved import check_same_interleaved, prepare_interleaved, run_interleaved
 from dfkd.stages.synthesis import check_same_synthesis, prepare_synthesis, run_synthesis
@@ -47,9 +48,15 @@ def check_inputs(recipe: Recipe) -> None:
             f"teacher checkpoint {teacher.checkpoint} holds {wrong}: import the weights the recipe is for with "
             f"`{teacher.import_command()}`, or change [teacher] in the recipe"
         )
-    for path in (recipe.evaluate.data, recipe.distill.data, recipe.distill.val_data):
+    named: tuple[tuple[str, Split], ...] = (
+        (recipe.evaluate.data, "test"),
+        (recipe.distill.data, "train"),
+        (recipe.distill.val_data, "train"),
+    )
+    for path, split in named:
         if path:
             check_data_path(path)
+            check_classes(split_classes(path, split), meta, teacher.checkpoint)
 
 
 # Settings that change no stage's output: how a run is described, where it runs, what its finished

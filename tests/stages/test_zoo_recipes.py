@@ -3,12 +3,13 @@ a missing or mismatched teacher refused with the command that imports the right 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_fails
+from conftest import cli_fails, image_folder
 from typer.testing import CliRunner
 
 from dfkd.carbon.ledger import verify_ledger
@@ -77,3 +78,24 @@ def test_the_tiny_imagenet_recipe_runs_as_written_at_cpu_size(tmp_path: Path) ->
     _, meta = load_checkpoint(run / "student" / "student.safetensors")
     assert (meta.arch, meta.num_classes, meta.input_size) == ("torchvision:resnet18", 200, 64)
     assert verify_ledger(run / "carbon.jsonl") == []
+
+
+def test_data_whose_classes_are_not_the_teachers_is_refused_before_the_run_starts(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    quickstart = RECIPES_DIR / "quickstart.toml"
+    run = tmp_path / "run"
+    three = image_folder(tmp_path / "three", classes=3)
+    message = cli_fails(
+        "run", str(quickstart), "--run", str(run), *sets(f"teacher.checkpoint={tiny_teacher}", f"evaluate.data={three}")
+    )
+    assert "predicts 10 classes but imagefolder" in message and "has 3" in message
+    _, meta = load_checkpoint(tiny_teacher)
+    named = tmp_path / "named.safetensors"
+    names = ("class0", "dog", "class2")
+    save_checkpoint(named, create_model("tiny", 3), dataclasses.replace(meta, num_classes=3, class_names=names))
+    message = cli_fails(
+        "run", str(quickstart), "--run", str(run), *sets(f"teacher.checkpoint={named}", f"evaluate.data={three}")
+    )
+    assert "calls class 1 'dog' but imagefolder" in message and "calls it 'class1'" in message
+    assert not run.exists()
