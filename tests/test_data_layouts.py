@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,50 @@ def test_resident_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("DFKD_RESIDENT_BYTES", "4GB")
     with pytest.raises(DfkdError, match="DFKD_RESIDENT_BYTES='4GB' is not a whole number of bytes"):
         resident_bytes()
+
+
+# ------------------------------------------------------------------------ from import to evaluation
+
+
+@pytest.mark.parametrize("layout", ["tiny-imagenet", "imagefolder"])
+def test_a_torchvision_teacher_imported_from_its_pth_is_evaluated_on_64px_data(
+    tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's path end to end: torchvision's own ResNet-18 saved as a .pth, imported at 64 px with its class
+    names, then `dfkd evaluate` on a Tiny-ImageNet root or an ImageFolder of 96x96 JPEGs (resized to 64),
+    resident and streamed alike, with the predictions the model itself gives."""
+    import torchvision
+    from typer.testing import CliRunner
+
+    from dfkd.checkpoints import load_checkpoint
+    from dfkd.cli import app
+
+    if layout == "tiny-imagenet":
+        data, _ = _tiny_imagenet(tmp_path / "tiny")
+        names = sorted(WNIDS)
+    else:
+        data = _image_folder(tmp_path / "folder", [(96, 96)] * 3, classes=3)
+        names = ["class0", "class1", "class2"]
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(num_classes=3)
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    checkpoint = tmp_path / "r18.safetensors"
+    runner = CliRunner()
+    imported = runner.invoke(
+        app,
+        ["checkpoint", "import", str(tmp_path / "r18.pth"), str(checkpoint), "--arch", "torchvision:resnet18"]
+        + ["--num-classes", "3", "--input-size", "64", "--class-names", str(tmp_path / "names.txt")],
+    )
+    assert imported.exit_code == 0, imported.output
+    model, meta = load_checkpoint(checkpoint)
+    assert meta.class_names == tuple(names) and meta.input_size == 64
+    test = load_split(data, "test", 64)
+    expected = predict_logits(model, test.images, meta.mean, meta.std, torch.device("cpu"), precision="fp32")
+    accuracy = 100 * float((expected.argmax(1) == test.labels).float().mean())
+    monkeypatch.setenv("DFKD_PRECISION", "fp32")
+    for budget in ("4294967296", "1"):  # resident, then streamed from disk
+        monkeypatch.setenv("DFKD_RESIDENT_BYTES", budget)
+        result = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(data), "--device", "cpu", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["accuracy"] == pytest.approx(accuracy)
