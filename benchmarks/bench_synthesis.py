@@ -61,6 +61,12 @@ def bench_one(
         "target_agreement": float(torch.stack(agreements).mean()) * 100,
         "mean_confidence": float(torch.stack(confidences).mean()),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        # What the synthesis stage's memory check reserves for this batch (see bench_memory.py).
+        "estimate_gib": (
+            method_class.persistent_memory(config, teacher)[0]
+            + batch_size * method_class.bytes_per_image(config, teacher, meta.input_size, synthesizer.precision)
+        )
+        / 2**30,
     }
 
 
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "agreement %",
         "confidence",
         "peak GiB",
+        "estimate GiB",
         title="synthesis",
     )
     for r in rows:
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['target_agreement']:.1f}",
             f"{r['mean_confidence']:.3f}",
             f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-",
+            f"{r['estimate_gib']:.1f}",
         )
     Console().print(table)
     write_results(args.out, device, argv, rows, teacher=args.teacher)
