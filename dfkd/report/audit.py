@@ -23,9 +23,11 @@ from dfkd.files import sha256_file, symlinks_under
 from dfkd.manifest import MANIFEST_FILE, Manifest, load_manifest
 from dfkd.report.audit_manifest import manifest_problems, short
 from dfkd.report.build import ENERGY_PARTS, PHASES, REPORT_SCHEMA, build_report, phase_of
+from dfkd.report.payback import BENCHMARK
 
 # The parts of a report's run section that are derived from the run and so must match it.
-DERIVED = ("ledger", "rows", "totals", "phases", "interrupted", "artifacts")
+# `payback` only where the run has an inference benchmark: a saved report's payback must equal the re-derived one.
+DERIVED = ("ledger", "rows", "totals", "phases", "interrupted", "artifacts", "payback")
 MAX_REPORT_DIFFERENCES = 20
 
 
@@ -253,7 +255,7 @@ def _saved_report_problems(report: dict[str, Any], fresh: dict[str, Any]) -> lis
     found = _differences(
         f"report runs[{saved.get('name')}]",
         {key: saved.get(key) for key in DERIVED},
-        {key: fresh[key] for key in DERIVED},
+        {key: fresh.get(key) for key in DERIVED},
     )
     extra = len(found) - MAX_REPORT_DIFFERENCES
     return found[:MAX_REPORT_DIFFERENCES] + ([f"report: ... and {extra} more differences"] if extra > 0 else [])
@@ -344,6 +346,13 @@ def audit_scope(run: Path, with_report: bool) -> list[str]:
     ]
     if phased:
         scope.insert(2, f"{phased} records metered in phases: phases sum to the record (energy, time, FLOPs)")
+    if any(record.get("stage") == BENCHMARK for record in records):
+        scope.append(
+            "the carbon payback re-derived from the inference-benchmark record's phases and the generation and "
+            "compression records"
+        )
     if with_report:
-        scope.append("the saved report's ledger, rows, totals, phases, interrupted and artifacts against the run")
+        scope.append(
+            "the saved report's ledger, rows, totals, phases, interrupted, artifacts and payback against the run"
+        )
     return scope

@@ -20,6 +20,7 @@ from dfkd.errors import DfkdError
 from dfkd.files import sha256_file, utc_now
 from dfkd.manifest import MANIFEST_FILE, Manifest, load_manifest
 from dfkd.report.notes import caveats, provenance
+from dfkd.report.payback import carbon_payback
 from dfkd.rundir import ESTIMATE_FILE
 
 REPORT_SCHEMA = "dfkd.report/1"
@@ -247,6 +248,8 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
     rows = _rows(ledger, run)
     problems = verify_ledger(ledger)
     artifacts = manifest.get("artifacts", {})
+    phases = {phase: sum_rows(phase_shares(rows, phase)) for phase in PHASES}
+    payback = carbon_payback(rows, phases)
     return {
         "name": name,
         "path": str(run),
@@ -264,7 +267,7 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
         },
         "rows": rows,
         "totals": sum_rows(rows),
-        "phases": {phase: sum_rows(phase_shares(rows, phase)) for phase in PHASES},
+        "phases": phases,
         "interrupted": sum_rows([r for r in rows if r["status"] != "complete"]),
         "provenance": provenance(rows),
         "caveats": caveats(rows, problems),
@@ -275,6 +278,8 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
         # Only runs with training logs / a dry run's estimate carry these, so other reports are as they were.
         **({"curves": curves} if (curves := _curves(run, artifacts)) else {}),
         **({"estimate": estimate_vs_actual(run / ESTIMATE_FILE, rows)} if (run / ESTIMATE_FILE).is_file() else {}),
+        # Only runs with an inference benchmark have a payback (dfkd.report.payback).
+        **({"payback": payback} if payback is not None else {}),
     }
 
 

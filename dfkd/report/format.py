@@ -201,7 +201,59 @@ def headline_lines(run: dict[str, Any]) -> list[tuple[str, str]]:
         ("wall time", duration(head["duration_s"]) + " in metered stages"),
         ("ledger", "intact" if head["ledger_intact"] else "FAILS ITS CHECK: run `dfkd audit`"),
     ]
+    if "payback" in run:
+        lines.insert(4, ("payback", payback_line(run["payback"])))
     return lines
+
+
+PAYBACK_HEADERS = ("figure", "kWh with PUE", "g CO2eq", "inferences to repay")
+
+
+def _inference_count(value: float | None) -> str:
+    return "never (no saving)" if value is None else f"{value:,.0f}"
+
+
+def payback_line(payback: dict[str, Any]) -> str:
+    """The payback in one sentence: the saving per 1,000 inferences and when it repays the run."""
+    saved = payback["saved_per_1000"]["co2eq_g"]
+    if saved is None:
+        return "the inference benchmark's energy was not metered, so no payback"
+    repay = payback["inferences_to_repay"]
+    when = "never repays the run" if repay is None else f"repays the run's {number(payback['cost']['co2eq_g'])} g"
+    when += "" if repay is None else f" after {repay:,.0f} inferences"
+    return f"the student saves {number(saved)} g CO2eq per 1,000 inferences against the teacher and {when}"
+
+
+def payback_rows(payback: dict[str, Any]) -> list[list[str]]:
+    """Per 1,000 inferences: teacher, student, saved; then what the run cost and when the saving repays it."""
+    rows = [
+        [label, number(payback[key]["energy_kwh_with_pue"]), number(payback[key]["co2eq_g"]), ""]
+        for label, key in (
+            ("teacher, per 1,000 inferences", "teacher_per_1000"),
+            ("student, per 1,000 inferences", "student_per_1000"),
+            ("saved, per 1,000 inferences", "saved_per_1000"),
+        )
+    ]
+    cost = payback["cost"]
+    rows.append(
+        [
+            "the run: generation + compression",
+            number(cost["energy_kwh_with_pue"]),
+            number(cost["co2eq_g"]),
+            _inference_count(payback["inferences_to_repay"]),
+        ]
+    )
+    tuning = payback["tuning_extra"]
+    if tuning is not None:
+        rows.append(
+            [
+                "of which tuning τ by grid (beyond one trial)",
+                number(tuning["energy_kwh_with_pue"]),
+                number(tuning["co2eq_g"]),
+                _inference_count(tuning["inferences_to_repay"]),
+            ]
+        )
+    return rows
 
 
 def totals_rows(run: dict[str, Any]) -> list[list[str]]:

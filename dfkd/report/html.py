@@ -25,6 +25,7 @@ from dfkd.report.format import (
     ENERGY_COLUMNS,
     ESTIMATE_HEADERS,
     OVERVIEW_HEADERS,
+    PAYBACK_HEADERS,
     STAGE_HEADERS,
     TOTAL_HEADERS,
     WORK_COLUMNS,
@@ -34,6 +35,8 @@ from dfkd.report.format import (
     headline_lines,
     number,
     overview_cells,
+    payback_line,
+    payback_rows,
     stage_cells,
     totals_rows,
 )
@@ -41,7 +44,13 @@ from dfkd.report.format import (
 PART_COLOURS = {"CPU": "#4e79a7", "GPU": "#f28e2b", "RAM": "#59a14f"}
 LINE_COLOURS = ("#4e79a7", "#e15759", "#59a14f", "#b07aa1", "#f28e2b", "#76b7b2", "#9c755f", "#edc948")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-PHASE_COLOURS = {"generation": "#e15759", "compression": "#76b7b2", "teacher": "#b07aa1", "other": "#9c755f"}
+PHASE_COLOURS = {
+    "generation": "#e15759",
+    "compression": "#76b7b2",
+    "teacher": "#b07aa1",
+    "inference": "#edc948",
+    "other": "#9c755f",
+}
 _CHART_WIDTH, _LABEL_WIDTH, _BAR_WIDTH, _ROW_HEIGHT, _TOP = 1100, 330, 500, 24, 56
 
 _CSS = """
@@ -320,6 +329,39 @@ def _estimate_html(run: dict[str, Any]) -> str:
     return f"<h3>Estimate (dfkd run --dry-run) vs actual</h3>\n{_table(ESTIMATE_HEADERS, estimate_rows(run), fit=True)}"
 
 
+def payback_series(payback: dict[str, Any]) -> list[Series]:
+    """Cumulative CO2eq against inferences served: the teacher from zero, the student from the run's cost, up
+    to twice the break-even (where the lines cross); no lines when a figure is missing or nothing is repaid."""
+    cost, repay = payback["cost"]["co2eq_g"], payback["inferences_to_repay"]
+    teacher, student = payback["teacher_per_1000"]["co2eq_g"], payback["student_per_1000"]["co2eq_g"]
+    if cost is None or repay is None or teacher is None or student is None:
+        return []
+    end = 2 * repay
+    return [
+        ("teacher (no distillation)", LINE_COLOURS[1], [(0.0, 0.0), (end, end * teacher / 1000)]),
+        ("student (after the run's cost)", LINE_COLOURS[0], [(0.0, cost), (end, cost + end * student / 1000)]),
+    ]
+
+
+def _payback_html(run: dict[str, Any], index: int) -> str:
+    if "payback" not in run:
+        return ""
+    payback = run["payback"]
+    series = payback_series(payback)
+    chart = (
+        xy_chart(f"payback-chart-{index}", "Cumulative CO2eq against inferences served", "inferences",
+                 "g CO2eq", series)
+        if series
+        else ""
+    )  # fmt: skip
+    caveats = "".join(f"<li>{escape(note)}</li>" for note in payback["caveats"])
+    return f"""<h3>Carbon payback (from the inference benchmark)</h3>
+<p>{escape(payback_line(payback).capitalize())}.</p>
+{_table(PAYBACK_HEADERS, payback_rows(payback))}
+{f'<div class="scroll">{chart}</div>' if chart else ""}
+<ul>{caveats}</ul>"""
+
+
 def _stage_table(columns: Sequence[int], rows: list[list[str]], row_classes: list[str]) -> str:
     """Some of the stage columns: two such tables fit a page, where one of all 18 needed a scrollbar."""
     headers = [STAGE_HEADERS[i] for i in columns]
@@ -356,6 +398,7 @@ git commit <code>{escape(str(manifest["git_commit"]))}</code></p>
 <p class="meta">Per-part energy without PUE; CO2eq from the energy with PUE.</p>
 {_table(TOTAL_HEADERS, totals_rows(run))}
 {_estimate_html(run)}
+{_payback_html(run, index)}
 <h3>How each figure was obtained</h3>
 <ul>{provenance}</ul>
 <h3>Caveats</h3>

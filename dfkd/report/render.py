@@ -24,6 +24,7 @@ from dfkd.report.format import (
     ENERGY_COLUMNS,
     ESTIMATE_HEADERS,
     OVERVIEW_HEADERS,
+    PAYBACK_HEADERS,
     STAGE_HEADERS,
     TOTAL_HEADERS,
     WORK_COLUMNS,
@@ -32,6 +33,7 @@ from dfkd.report.format import (
     estimate_rows,
     headline_lines,
     overview_cells,
+    payback_rows,
     stage_cells,
     totals_rows,
 )
@@ -109,12 +111,22 @@ def _run_renderables(run: dict[str, Any]) -> list[RenderableType]:
     totals = _Records([(totals_title, TOTAL_HEADERS, totals_rows(run))], totals_title, key=0)
     estimate_title = "estimate (dfkd run --dry-run) vs actual"
     estimate = [_Records([(estimate_title, ESTIMATE_HEADERS, estimate_rows(run))], estimate_title, key=0)]
+    payback_title = "carbon payback (from the inference benchmark)"
+    payback: list[RenderableType] = (
+        [
+            _Records([(payback_title, PAYBACK_HEADERS, payback_rows(run["payback"]))], payback_title, key=0),
+            Text("payback caveats:\n" + "\n".join(f"  - {note}" for note in run["payback"]["caveats"])),
+        ]
+        if "payback" in run
+        else []
+    )
     return [
         header,
         headline,
         stages,
         totals,
         *(estimate if "estimate" in run else []),
+        *payback,
         _rich_table("how each figure was obtained", ("figure", "how", "stages"), how, highlight="not measured"),
         Text("caveats:\n" + "\n".join(f"  - {note}" for note in run["caveats"])),
     ]
@@ -178,6 +190,15 @@ def _run_markdown(run: dict[str, Any]) -> list[str]:
         *(
             ["### Estimate (`dfkd run --dry-run`) vs actual", markdown_table(ESTIMATE_HEADERS, estimate_rows(run))]
             if "estimate" in run
+            else []
+        ),
+        *(
+            [
+                "### Carbon payback (from the inference benchmark)",
+                markdown_table(PAYBACK_HEADERS, payback_rows(run["payback"])),
+                "\n".join(f"- {note}" for note in run["payback"]["caveats"]),
+            ]
+            if "payback" in run
             else []
         ),
         "### How each figure was obtained",

@@ -1,0 +1,102 @@
+"""The carbon payback's arithmetic against hand-computed values (issue 14), on report rows built by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dfkd.report.build import PHASES, phase_shares, sum_rows
+from dfkd.report.format import payback_line, payback_rows
+from dfkd.report.html import payback_series
+from dfkd.report.payback import carbon_payback
+
+INTENSITY = 400.0  # g CO2eq per kWh, PUE 1: every figure below is easy to check by hand
+
+
+def _energy(kwh: float) -> dict[str, float]:
+    return {"cpu": kwh, "gpu": 0.0, "ram": 0.0, "total": kwh}
+
+
+def row(stage: str, phase: str, kwh: float, tau_mode: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "seq": extra.pop("seq", 0),
+        "record_sha256": "ab" * 32,
+        "stage": stage,
+        "phase": phase,
+        "status": extra.pop("status", "complete"),
+        "tau_mode": tau_mode,
+        "device": "cpu",
+        "device_model": "a test CPU",
+        "duration_s": 1.0,
+        "energy_kwh": _energy(kwh),
+        "energy_kwh_with_pue": _energy(kwh),
+        "co2eq_g": kwh * INTENSITY,
+        "carbon_intensity_g_per_kwh": INTENSITY,
+        "flops": None,
+        "sources": {"carbon_intensity": "given"},
+        "info": extra.pop("info", {}),
+        **extra,
+    }
+
+
+def part(phase: str, kwh: float) -> dict[str, Any]:
+    return {"phase": phase, "status": "complete", "duration_s": 0.5, "energy_kwh": _energy(kwh),
+            "energy_kwh_with_pue": _energy(kwh), "co2eq_g": kwh * INTENSITY, "flops": None}  # fmt: skip
+
+
+def benchmark(teacher_kwh: float, student_kwh: float, images: int = 1000) -> dict[str, Any]:
+    parts = {"teacher-inference": part("other", teacher_kwh), "student-inference": part("other", student_kwh)}
+    info = {"images": images, "batch_size": 64, "precision": "fp32"}
+    return row("inference-benchmark", "other", teacher_kwh + student_kwh, seq=9, parts=parts, info=info)
+
+
+def payback_of(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return carbon_payback(rows, {phase: sum_rows(phase_shares(rows, phase)) for phase in PHASES})
+
+
+def test_the_student_repays_the_run_after_cost_over_saving_per_inference() -> None:
+    rows = [row("synthesis", "generation", 0.010), row("distillation", "compression", 0.020), benchmark(0.002, 0.0005)]
+    found = payback_of(rows)
+    assert found is not None
+    assert found["teacher_per_1000"] == pytest.approx({"energy_kwh_with_pue": 0.002, "co2eq_g": 0.8})
+    assert found["student_per_1000"] == pytest.approx({"energy_kwh_with_pue": 0.0005, "co2eq_g": 0.2})
+    assert found["saved_per_1000"] == pytest.approx({"energy_kwh_with_pue": 0.0015, "co2eq_g": 0.6})
+    assert found["cost"] == pytest.approx({"energy_kwh_with_pue": 0.030, "co2eq_g": 12.0})
+    # 12 g / (0.6 g per 1,000) = 20,000 inferences; the same on energy at one intensity.
+    assert found["inferences_to_repay"] == pytest.approx(20_000)
+    assert found["inferences_to_repay_energy"] == pytest.approx(20_000)
+    assert found["tuning_extra"] is None and found["benchmark"] == {
+        "seq": 9,
+        "record_sha256": "ab" * 32,
+        "images": 1000,
+    }
+    assert "repays the run's 12 g after 20,000 inferences" in payback_line(found)
+    assert payback_rows(found)[3] == ["the run: generation + compression", "0.03", "12", "20,000"]
+    teacher, student = payback_series(found)
+    assert teacher[2][-1] == pytest.approx((40_000, 32.0)) and student[2][-1] == pytest.approx((40_000, 20.0))
+
+
+def test_a_grid_search_breaks_out_the_tuning_beyond_one_trial() -> None:
+    trials = [row("distillation[tau=2]", "compression", 0.005, "grid") for _ in range(3)]
+    rows = [row("synthesis", "generation", 0.010), *trials, row("selection", "compression", 0.00125)]
+    found = payback_of([*rows, benchmark(0.002, 0.0005, images=500)])
+    assert found is not None
+    # Per 1,000: the phases ran 500 images each, so twice the phase energy.
+    assert found["saved_per_1000"]["co2eq_g"] == pytest.approx(1.2)
+    # Tuning: 3 trials (2 g each) + selection (0.5 g) - one mean trial (2 g) = 4.5 g -> 3,750 inferences.
+    assert found["tuning_extra"]["co2eq_g"] == pytest.approx(4.5)
+    assert found["tuning_extra"]["inferences_to_repay"] == pytest.approx(3_750)
+    assert found["cost"]["co2eq_g"] == pytest.approx(4.0 + 6.0 + 0.5)
+
+
+def test_no_saving_means_no_payback_and_no_benchmark_no_section() -> None:
+    rows = [row("synthesis", "generation", 0.010), row("distillation", "compression", 0.020)]
+    assert payback_of(rows) is None
+    found = payback_of([*rows, benchmark(0.001, 0.002)])
+    assert found is not None and found["inferences_to_repay"] is None
+    assert any("never repaid" in note for note in found["caveats"])
+    assert "never repays the run" in payback_line(found) and payback_series(found) == []
+    interrupted = benchmark(0.002, 0.0005)
+    interrupted["status"] = "interrupted"
+    assert payback_of([*rows, interrupted]) is None
