@@ -1,7 +1,8 @@
 """Recipes: one TOML file per experiment, validated into typed configs before any work starts.
 
 A recipe has the sections [run], [teacher], [synthesize], [distill], [evaluate] and [carbon], and
-[interleave] when `[run] mode = "interleaved"` (see `dfkd.config.interleave`). The
+[interleave] when `[run] mode = "interleaved"` (see `dfkd.config.interleave`), and optionally [export] and
+[inference], the last steps (see `dfkd.config.deploy`). The
 stage sections are the existing configs (`SynthesisConfig`, `DistillConfig`, `CarbonConfig`) filled
 through `apply_overrides`, so a recipe and the CLI flags are checked by the same rules; only the
 keys that belong to another section are left out (the teacher, the device, the evaluation data).
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkd.carbon.config import CarbonConfig
+from dfkd.config.deploy import ExportSection, InferenceSection
 from dfkd.config.distill import DistillConfig
 from dfkd.config.interleave import InterleaveConfig
 from dfkd.config.overrides import apply_overrides, config_dict
@@ -116,6 +118,9 @@ class Recipe:
     evaluate: EvaluateSection
     carbon: CarbonConfig
     interleave: InterleaveConfig = InterleaveConfig()
+    # The last steps, only where the recipe has the section.
+    export: ExportSection | None = None
+    inference: InferenceSection | None = None
 
     @property
     def interleaved(self) -> bool:
@@ -138,6 +143,9 @@ class Recipe:
             extra["interleave"] = config_dict(self.interleave)
         else:
             run.pop("mode")
+        for key, section in (("export", self.export), ("inference", self.inference)):
+            if section is not None:  # absent otherwise, so recipes without them resolve as before
+                extra[key] = config_dict(section)
         # Through JSON, so it compares equal to the copy read back from the run dir (tuples become lists).
         return json.loads(
             json.dumps(
@@ -165,7 +173,7 @@ _SYNTHESIS_ELSEWHERE = ("teacher", "device", "method_settings")
 _DISTILL_ELSEWHERE = ("teacher", "device", "eval_data", "eval_every")
 SCALE_KEYS = (("synthesize", "num_images"), ("distill", "epochs"))
 INTERLEAVED_SCALE_KEYS = (("synthesize", "num_images"), ("interleave", "kd_steps"))
-_SECTIONS = ("run", "teacher", "synthesize", "distill", "evaluate", "carbon", "interleave")
+_SECTIONS = ("run", "teacher", "synthesize", "distill", "evaluate", "carbon", "interleave", "export", "inference")
 # Distillation settings the interleaved mode has no use for: it trains on its own rounds' images, one trial.
 _NOT_INTERLEAVED = {
     "epochs": "the rounds set its length (synthesize.num_images / synthesize.batch_size rounds x interleave.kd_steps)",
@@ -321,7 +329,13 @@ def build_recipe(
         _keys(InterleaveConfig, ()),
         from_file.get("interleave", set()),
     )
-    recipe = Recipe(name, run, teacher, synthesis, distill, evaluate, carbon, interleave)
+    export, inference = (
+        None
+        if key not in merged
+        else _section(key, merged[key], default, _keys(type(default), ()), from_file.get(key, set()))
+        for key, default in (("export", ExportSection()), ("inference", InferenceSection()))
+    )
+    recipe = Recipe(name, run, teacher, synthesis, distill, evaluate, carbon, interleave, export, inference)
     if recipe.interleaved:
         _check_interleaved(recipe, merged)
     else:

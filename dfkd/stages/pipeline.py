@@ -62,7 +62,8 @@ def check_inputs(recipe: Recipe) -> None:
 # Settings that change no stage's output: how a run is described, where it runs, what its finished
 # student is evaluated on, how its energy is accounted. They may differ on a rerun of the same run dir.
 # So may the teacher section (its path, and what a user-provided teacher must be, checked before a run): the
-# stages identify the teacher by its sha256 and refuse another one.
+# stages identify the teacher by its sha256 and refuse another one. So may the last steps ([export], [inference]):
+# they run on the finished student and change none of the stages before them.
 STEP_KEYS = (
     "run.description",
     "run.device",
@@ -71,6 +72,8 @@ STEP_KEYS = (
     "evaluate.every",
     "distill.compile",
     "carbon.",
+    "export.",
+    "inference.",
 )
 
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dfkd.cli import app
-from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, load_recipe, recipe_paths
+from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, RECIPES_DIR, load_recipe, recipe_paths
 from dfkd.errors import DfkdError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,3 +180,34 @@ def test_validate_of_a_named_recipe_fails_on_a_missing_file(tmp_path: Path) -> N
     # The shipped catalogue only notes the teachers its users provide (CIFAR-100's).
     rows = json.loads(CliRunner().invoke(app, ["validate", "--json"]).stdout)
     assert all(row["missing"] == [] for row in rows if Path(row["recipe"]).name.startswith("c10_"))
+
+
+def test_export_and_inference_sections_are_validated_and_resolved_only_when_present(tmp_path: Path) -> None:
+    from dfkd.config.deploy import ExportSection, InferenceSection
+
+    base = (
+        (RECIPES_DIR / "quickstart.toml").read_text().replace("../checkpoints", str(RECIPES_DIR.parent / "checkpoints"))
+    )
+    plain = tmp_path / "plain.toml"
+    plain.write_text(base)
+    recipe = load_recipe(plain)
+    assert recipe.export is None and recipe.inference is None
+    assert "export" not in recipe.resolved() and "inference" not in recipe.resolved()
+    full = tmp_path / "full.toml"
+    full.write_text(
+        base + '\n[export]\nformats = ["onnx", "torchscript"]\nquantize = "dynamic"\n\n[inference]\nimages = 512\n'
+    )
+    recipe = load_recipe(full)
+    assert recipe.export == ExportSection(("onnx", "torchscript"), "dynamic")
+    assert recipe.inference == InferenceSection(images=512)
+    assert recipe.resolved()["export"] == {"formats": ["onnx", "torchscript"], "quantize": "dynamic"}
+    for section, error in (
+        ('[export]\nformats = ["tflite"]', "formats must name each of onnx"),
+        ('[export]\nformats = ["torchscript"]\nquantize = "dynamic"', "quantizes the ONNX export"),
+        ("[inference]\nimages = 10\nbatch_size = 64", "at least one batch"),
+        ("[inference]\nwarmup = 3", "unknown recipe key inference.warmup"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(base + "\n" + section + "\n")
+        with pytest.raises(DfkdError, match=error):
+            load_recipe(bad)
