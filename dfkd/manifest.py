@@ -104,6 +104,22 @@ class EvaluationSection(TypedDict, total=False):
     finished_utc: str
 
 
+class ExportEntry(TypedDict, total=False):
+    """A deployable file made by `dfkd export`, keyed in `exports` by its path relative to the run dir: what
+    it was checked against, so a reader can tell which student it came from and how faithful it is."""
+
+    format: str  # onnx, torchscript or exported-program
+    sha256: str
+    bytes: int
+    opset: int  # ONNX only
+    quantize: str | None  # "dynamic" for int8 weights, None for fp32
+    max_abs_diff: float  # of the file's logits against the PyTorch student's, on `checked_on`
+    checked_on: str
+    source_sha256: str  # the student it was exported from
+    top1_agreement: float  # quantized only: % of `checked_on` where its top-1 is the fp32 student's
+    accuracy: dict[str, Any]  # quantized with test data: fp32 and int8 accuracy on the whole test split
+
+
 class Stages(TypedDict, total=False):
     synthesis: SynthesisSection
     distillation: DistillationSection
@@ -120,6 +136,7 @@ class Manifest(TypedDict, total=False):
     host: dict[str, str]
     stages: Stages
     artifacts: dict[str, ArtifactEntry]
+    exports: dict[str, ExportEntry]
     carbon: dict[str, Any]
     recipe: dict[str, Any]
     ledger_head: LedgerHead
