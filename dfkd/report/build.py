@@ -40,13 +40,16 @@ COMPARISON_BASIS = (
 
 def phase_of(stage: str) -> str:
     """Generation (making the synthetic set), compression (distillation, grid trials, selection), teacher,
-    other, or `interleaved` (both at once: its record's metered phases are split between them)."""
+    inference (running the models: the inference benchmark), other, or `interleaved` (both at once: its
+    record's metered phases are split between them)."""
     if stage == INTERLEAVED:
         return INTERLEAVED
     if stage == "synthesis":
         return "generation"
     if stage in ("distillation", "selection") or stage.startswith("distillation["):
         return "compression"
+    if stage == "inference-benchmark":
+        return "inference"
     return "teacher" if stage == "teacher-training" else "other"
 
 
