@@ -1,9 +1,9 @@
 """dfkd: data-free knowledge distillation with a per-stage carbon ledger.
 
 The Python API (`dfkd.synthesize`, `dfkd.distill`, `dfkd.evaluate`, `dfkd.run`, `dfkd.estimate`,
-`dfkd.carbon_report`, `dfkd.audit`, `dfkd.load_model`) is defined in `dfkd.api` and imported on first use,
-so `import dfkd` and the CLI's start stay light (no torch until a function needs it). (`dfkd.report` is
-the report package, hence `carbon_report`.)
+`dfkd.carbon_report`, `dfkd.audit`, `dfkd.load_model`, `dfkd.export`, `dfkd.benchmark_inference`) is
+defined in `dfkd.api` and imported on first use, so `import dfkd` and the CLI's start stay light (no torch
+until a function needs it). (`dfkd.report` is the report package, hence `carbon_report`.)
 """
 
 from __future__ import annotations
@@ -11,9 +11,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dfkd.api import audit, carbon_report, distill, estimate, evaluate, load_model, run, synthesize
+    from dfkd.api import (
+        audit,
+        benchmark_inference,
+        carbon_report,
+        distill,
+        estimate,
+        evaluate,
+        export,
+        load_model,
+        run,
+        synthesize,
+    )
 
-__all__ = ["audit", "carbon_report", "distill", "estimate", "evaluate", "load_model", "run", "synthesize"]
+__all__ = [
+    "audit",
+    "benchmark_inference",
+    "carbon_report",
+    "distill",
+    "estimate",
+    "evaluate",
+    "export",
+    "load_model",
+    "run",
+    "synthesize",
+]
 
 
 def __getattr__(name: str) -> Any:

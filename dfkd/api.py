@@ -39,6 +39,8 @@ from dfkd.rundir import RunDir
 from dfkd.stages.distill import PreparedDistill, distill_run
 from dfkd.stages.estimate import distillation_seconds, estimate_recipe, synthesis_seconds
 from dfkd.stages.evaluate import evaluate_checkpoint
+from dfkd.stages.export import export_source
+from dfkd.stages.inference import benchmark_run, prepare_benchmark
 from dfkd.stages.pipeline import check_inputs, record_estimate, run_recipe
 from dfkd.stages.synthesis import batches_left, prepare_synthesis, run_synthesis
 
@@ -158,6 +160,68 @@ def distill(
 def evaluate(model: PathLike, data: PathLike, *, device: str = "auto", progress: bool = False) -> dict[str, Any]:
     """The paper's Table-5 metrics of a checkpoint on the test split of `data` (shares in %, `units` says so)."""
     return evaluate_checkpoint(Path(model).expanduser(), Path(data).expanduser(), resolve_device(device), progress)
+
+
+def benchmark_inference(
+    teacher: PathLike,
+    student: PathLike,
+    *,
+    run: PathLike | None = None,
+    device: str = "auto",
+    data: PathLike | None = None,
+    images: int | None = None,
+    batch_size: int | None = None,
+    onnx_teacher: PathLike | None = None,
+    onnx_student: PathLike | None = None,
+    carbon: CarbonConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time a teacher and its student (a checkpoint, or a run dir's student and its fp32 ONNX export) on the
+    same synthetic images: parameters, FLOPs and file size, batch-1 latency, throughput at `batch_size` over
+    `images` (the device's defaults when None), the ONNX files' figures on onnxruntime's CPU provider, and
+    test accuracy on `data`. Metered as stage `inference-benchmark` in `run` (default: the student's run
+    dir, else runs/inference-<time>), one phase per model's throughput loop, from which the report derives
+    energy per inference. Returns the stage's result; bad input raises `DfkdError` before anything is written."""
+
+    def optional(path: PathLike | None) -> Path | None:
+        return None if path is None else Path(path).expanduser()
+
+    prepared = prepare_benchmark(
+        Path(teacher).expanduser(),
+        Path(student).expanduser(),
+        optional(run),
+        resolve_device(device),
+        data=optional(data),
+        images=images,
+        batch_size=batch_size,
+        onnx_teacher=optional(onnx_teacher),
+        onnx_student=optional(onnx_student),
+    )
+    run_dir = RunDir.open(prepared.run_root)
+    with run_dir.locked():
+        return benchmark_run(prepared, run_dir, carbon or CarbonConfig(), progress)
+
+
+def export(
+    source: PathLike,
+    *,
+    format: str,
+    out: PathLike | None = None,
+    quantize: str | None = None,
+    data: PathLike | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """A run dir's student (to `RUN/export/`, recorded in its manifest) or a checkpoint (to `out`) as one
+    deployable file, `format` onnx, torchscript or exported-program, taking float RGB in [0, 1]: kept only once
+    it matches the PyTorch model within 1e-3 at two batch sizes (`quantize="dynamic"`: int8 ONNX, measured)."""
+    return export_source(
+        Path(source).expanduser(),
+        format,
+        None if out is None else Path(out).expanduser(),
+        quantize,
+        None if data is None else Path(data).expanduser(),
+        device,
+    )
 
 
 def run(

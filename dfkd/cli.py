@@ -40,9 +40,11 @@ app = typer.Typer(
 teacher_app = typer.Typer(help="Train a teacher on real data.", **_APP_STYLE)
 checkpoint_app = typer.Typer(help="Inspect and import checkpoints.", **_APP_STYLE)
 study_app = typer.Typer(help="Studies that compare runs of one recipe.", **_APP_STYLE)
+benchmark_app = typer.Typer(help="Measure what models cost to run.", **_APP_STYLE)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(study_app, name="study")
+app.add_typer(benchmark_app, name="benchmark")
 
 out = Console()
 err = Console(stderr=True)
@@ -320,6 +322,62 @@ def evaluate_command(
     for name, counts in zip(names, metrics["confusion_matrix"]):
         confusion.add_row(name, *map(str, counts))
     out.print(confusion)
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    source: Path = typer.Argument(..., help="A run dir (its distilled student) or a .safetensors checkpoint."),
+    fmt: Literal["onnx", "torchscript", "exported-program"] = typer.Option(
+        ..., "--format", help="onnx (onnxruntime), torchscript (torch.jit) or exported-program (torch.export, .pt2)."
+    ),
+    out_file: Path | None = typer.Option(
+        None,
+        "--out",
+        help="The file to write: .onnx, .pt or .pt2 by format (required for a checkpoint).",
+        show_default="RUN/export/student.<suffix>",
+    ),
+    quantize: Literal["dynamic"] | None = typer.Option(
+        None, "--quantize", help="dynamic: int8 weights (onnx only; its accuracy is measured with --data)."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Check on this dataset's test images (and measure int8 accuracy on its test split)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N: where torchscript and .pt2 run."),
+    as_json: bool = JSON,
+) -> None:
+    """One deployable file taking float RGB in [0, 1] (normalisation folded in), kept only once it matches the
+    PyTorch model in its own runtime."""
+    from dfkd import api
+
+    result = api.export(source, format=fmt, out=out_file, quantize=quantize, data=data, device=device)
+    if as_json:
+        print_json(result)
+        return
+    opset = f", opset {result['opset']}" if "opset" in result else ""
+    sizes = " and ".join(map(str, result["batch_sizes_checked"]))
+    out.print(
+        f"wrote {result['path']} ({result['format']}{opset}{', int8 weights' if quantize else ''}, "
+        f"{result['bytes']:,} bytes, sha256 {result['sha256']}): max abs difference {result['max_abs_diff']:.2g} "
+        f"from the PyTorch model on {result['checked_on']}, batches of {sizes}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    if quantize:
+        accuracy = result.get("accuracy")
+        measured = (
+            f"; accuracy on {accuracy['images']} test images {accuracy['fp32']:.2f} % fp32, {accuracy['int8']:.2f} % "
+            f"int8 ({accuracy['change_pp']:+.2f} pp)"
+            if accuracy
+            else ""
+        )
+        out.print(
+            f"int8 top-1 agrees with fp32 on {result['top1_agreement']:.1f} % of them{measured}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @checkpoint_app.command("info")
@@ -784,6 +842,89 @@ def study_tau_command(
         return
     out.print(render_table(report))
     out.print(f"comparison saved in {root / STUDY_FILE}", highlight=False)
+
+
+@benchmark_app.command("inference")
+@user_errors
+def benchmark_inference_command(
+    teacher: Path = typer.Argument(..., help="The teacher's .safetensors checkpoint."),
+    student: Path = typer.Argument(
+        ..., help="The student's .safetensors checkpoint, or a run dir (its student, and its fp32 ONNX export if any)."
+    ),
+    run: Path | None = typer.Option(
+        None,
+        "--run",
+        help="Run dir whose ledger gets the record.",
+        show_default="STUDENT's run dir, else runs/inference-<time>",
+    ),
+    data: Path | None = typer.Option(None, "--data", help="Also score both models on this dataset's test split."),
+    images: int | None = typer.Option(
+        None,
+        "--images",
+        help="Images each model's throughput is timed (and metered) over.",
+        show_default="2048 CPU, 20000 CUDA",
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Batch of the throughput runs.", show_default="64 CPU, 256 CUDA"
+    ),
+    onnx_teacher: Path | None = typer.Option(
+        None, "--onnx-teacher", help="Also time this ONNX export of the teacher on onnxruntime's CPU provider."
+    ),
+    onnx_student: Path | None = typer.Option(
+        None, "--onnx-student", help="Also time this ONNX export of the student (default: the run dir's fp32 export)."
+    ),
+    device: str = DEVICE,
+    pue: float = PUE,
+    country: str = COUNTRY,
+    grid: float | None = GRID,
+    as_json: bool = JSON,
+) -> None:
+    """Latency, throughput, size and FLOPs of a teacher and its student; metered as stage `inference-benchmark`,
+    one phase per model, so `dfkd report` gives each one's energy per 1,000 inferences."""
+    from dfkd import api
+
+    result = api.benchmark_inference(
+        teacher,
+        student,
+        run=run,
+        device=device,
+        data=data,
+        images=images,
+        batch_size=batch_size,
+        onnx_teacher=onnx_teacher,
+        onnx_student=onnx_student,
+        carbon=carbon_config(pue, country, grid),
+        progress=not as_json,
+    )
+    if as_json:
+        print_json(result)
+        return
+
+    def latency(figures: dict[str, Any] | None) -> str:
+        return "-" if figures is None else f"{figures['latency_ms']['p50']:.2f} / {figures['latency_ms']['p95']:.2f}"
+
+    rows: dict[str, Callable[[dict[str, Any]], str]] = {
+        "architecture": lambda m: m["arch"],
+        "parameters": lambda m: f"{m['parameters']:,}",
+        "GFLOPs per image": lambda m: f"{m['flops_per_image'] / 1e9:.4f}",
+        "file MB": lambda m: f"{m['file_bytes'] / 1e6:.2f}",
+        "latency p50 / p95 ms, batch 1": latency,
+        f"images/s, batch {result['batch_size']}": lambda m: f"{m['throughput_images_per_s']:,.0f}",
+        "ONNX file MB": lambda m: "-" if m["onnx"] is None else f"{m['onnx']['file_bytes'] / 1e6:.2f}",
+        "ONNX (CPU) p50 / p95 ms": lambda m: latency(m["onnx"]),
+        f"ONNX (CPU) images/s, batch {result['batch_size']}": lambda m: (
+            "-" if m["onnx"] is None else f"{m['onnx']['throughput_images_per_s']:,.0f}"
+        ),
+        "test accuracy %": lambda m: "-" if m["test_acc"] is None else f"{m['test_acc']:.2f}",
+    }
+    models = result["models"]
+    table = Table("", *models, title=f"{result['images']:,} images on {result['device']} ({result['precision']})")
+    for label, cell in rows.items():
+        table.add_row(label, *(cell(figures) for figures in models.values()))
+    out.print(table)
+    out.print(
+        f"energy per 1,000 inferences: dfkd report {result['run']}", highlight=False, markup=False, soft_wrap=True
+    )
 
 
 def main() -> None:

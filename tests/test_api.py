@@ -26,8 +26,8 @@ def test_import_dfkd_loads_no_torch_and_names_its_functions() -> None:
     probe = "import sys, dfkd; print(sorted(m for m in ('torch', 'kornia', 'codecarbon') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-    assert set(dfkd.__all__) == {"audit", "carbon_report", "distill", "estimate", "evaluate", "load_model", "run",
-                                 "synthesize"}  # fmt: skip
+    assert set(dfkd.__all__) == {"audit", "benchmark_inference", "carbon_report", "distill", "estimate", "evaluate",
+                                 "export", "load_model", "run", "synthesize"}  # fmt: skip
     assert all(callable(getattr(dfkd, name)) and getattr(dfkd, name).__doc__ for name in dfkd.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         dfkd.nothing  # noqa: B018

@@ -97,6 +97,11 @@ def carbon_payback(rows: list[dict[str, Any]], phases: dict[str, dict[str, Any]]
         "the cost is the run's generation and compression records (interrupted attempts included); teacher "
         "training, evaluation and the benchmark itself are not counted",
     ]
+    if 0.0 in (teacher["energy_kwh_with_pue"], student["energy_kwh_with_pue"]):
+        caveats.append(
+            "a model's phase read no energy (shorter than the energy counter's update interval): benchmark "
+            "more images (--images, [inference] images) for a figure"
+        )
     if saved["co2eq_g"] is not None and saved["co2eq_g"] <= 0:
         caveats.append("the student did not use less energy than the teacher here, so the run is never repaid")
     if any(phases[p]["unmetered"] for p in ("generation", "compression")):

@@ -14,17 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from dfkd.checkpoints import read_meta
+from dfkd.config.deploy import InferenceSection
 from dfkd.config.recipe import Recipe
 from dfkd.data import Split, check_data_path, split_classes
+from dfkd.device import resolve_device
 from dfkd.errors import DfkdError
-from dfkd.files import atomic_path, atomic_write_json
+from dfkd.files import atomic_path, atomic_write_json, sha256_file
 from dfkd.manifest import distillation_of, synthesis_of
 from dfkd.report.build import build_report
-from dfkd.rundir import ESTIMATE_FILE, SYNTHETIC_DIR, RunDir
+from dfkd.report.payback import BENCHMARK
+from dfkd.rundir import ESTIMATE_FILE, STUDENT_DIR, SYNTHETIC_DIR, RunDir
 from dfkd.stages.distill import check_same_distillation, distill_run, recorded_identity, student_source
 from dfkd.stages.evaluate import check_classes
 from dfkd.stages.evaluation import evaluate_run_student
+from dfkd.stages.export import check_request, default_out, export_source
+from dfkd.stages.inference import benchmark_run, prepare_benchmark
 from dfkd.stages.interleaved import check_same_interleaved, prepare_interleaved, run_interleaved
+from dfkd.stages.runner import finished_record
 from dfkd.stages.synthesis import check_same_synthesis, prepare_synthesis, run_synthesis
 from dfkd.synthetic_set import SyntheticSet
 
@@ -33,8 +39,8 @@ STUDY_FILE = "tau-study.json"
 
 
 def check_inputs(recipe: Recipe) -> None:
-    """The teacher is there and is what the recipe expects, and every data path the recipe names exists and
-    is readable, before any run dir is made."""
+    """The teacher is there and is what the recipe expects, every data path the recipe names exists and is
+    readable, and the runtimes of its exports are installed, before any run dir is made."""
     teacher = recipe.teacher
     if not Path(teacher.checkpoint).is_file():
         raise DfkdError(
@@ -57,6 +63,9 @@ def check_inputs(recipe: Recipe) -> None:
         if path:
             check_data_path(path)
             check_classes(split_classes(path, split), meta, teacher.checkpoint)
+    if recipe.export is not None:  # a runtime that is not installed is found now, not after the stages
+        for fmt in recipe.export.formats:
+            check_request(fmt, None, recipe.export.quantize or None if fmt == "onnx" else None)
 
 
 # Settings that change no stage's output: how a run is described, where it runs, what its finished
@@ -146,8 +155,64 @@ def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[s
         "synthesis": synthesis,
         "synthesis_work": work,
         "distillation": distillation,
+        **last_steps(recipe, run, show_progress),
         "carbon": carbon_summary(run.root),
     }
+
+
+def last_steps(recipe: Recipe, run: RunDir, show_progress: bool) -> dict[str, Any]:
+    """`[export]` then `[inference]` on the finished student, each done once: an export of this very student
+    that is still intact, or a benchmark record of this teacher and student, is not made again. They take the
+    run's lock themselves, so they run after the stages have released it."""
+    student = run.root / STUDENT_DIR / "student.safetensors"
+    steps: dict[str, Any] = {}
+    if recipe.export is not None:
+        wanted: list[tuple[str, str | None]] = [(fmt, None) for fmt in recipe.export.formats]
+        wanted += [("onnx", recipe.export.quantize)] if recipe.export.quantize else []
+        steps["export"] = [_export_once(recipe, run, student, fmt, quantize) for fmt, quantize in wanted]
+    if recipe.inference is not None:
+        steps["inference"] = _benchmark_once(recipe, recipe.inference, run, student, show_progress)
+    return steps
+
+
+def _export_once(recipe: Recipe, run: RunDir, student: Path, fmt: str, quantize: str | None) -> dict[str, Any]:
+    path = default_out(run, fmt, quantize)
+    entry = run.read_manifest().get("exports", {}).get(run.relative(path))
+    if entry is not None and entry.get("source_sha256") == sha256_file(student) and run.artifact_intact(path):
+        return {"path": str(path), **entry}
+    data = Path(recipe.evaluate.data) if recipe.evaluate.data else None
+    return export_source(run.root, fmt, None, quantize or None, data, recipe.run.device)
+
+
+def _benchmark_once(
+    recipe: Recipe, section: InferenceSection, run: RunDir, student: Path, show_progress: bool
+) -> dict[str, Any]:
+    teacher_sha, student_sha = sha256_file(Path(recipe.teacher.checkpoint)), sha256_file(student)
+
+    def same(record: dict[str, Any]) -> bool:
+        info = record.get("info", {})
+        return (
+            record.get("stage") == BENCHMARK
+            and info.get("teacher", {}).get("sha256") == teacher_sha
+            and info.get("student", {}).get("sha256") == student_sha
+            and section.images in (0, info.get("images"))
+            and section.batch_size in (0, info.get("batch_size"))
+        )
+
+    found = finished_record(run, same)
+    if found is not None:
+        return {"run": str(run.root), **found["result"]}
+    prepared = prepare_benchmark(
+        Path(recipe.teacher.checkpoint),
+        run.root,
+        run.root,
+        resolve_device(recipe.run.device),
+        data=Path(recipe.evaluate.data) if recipe.evaluate.data else None,
+        images=section.images or None,
+        batch_size=section.batch_size or None,
+    )
+    with run.locked():
+        return benchmark_run(prepared, run, recipe.carbon, show_progress)
 
 
 def carbon_summary(root: Path) -> dict[str, Any]:
@@ -181,6 +246,7 @@ def _run_interleaved(recipe: Recipe, root: Path, show_progress: bool) -> dict[st
         "mode": "interleaved",
         "synthesis": {"quality": result["quality"]},
         "distillation": result,
+        **last_steps(recipe, run, show_progress),
     }
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from dfkd.carbon.ledger import read_ledger
+from dfkd.cli import app
+from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, RECIPES_DIR
+from dfkd.report.audit import audit_run
 from dfkd.report.build import PHASES, phase_shares, sum_rows
 from dfkd.report.format import payback_line, payback_rows
-from dfkd.report.html import payback_series
+from dfkd.report.html import payback_series, render_html
 from dfkd.report.payback import carbon_payback
+from dfkd.report.render import render_markdown
+
+QUICKSTART = str(RECIPES_DIR / "quickstart.toml")
 
 INTENSITY = 400.0  # g CO2eq per kWh, PUE 1: every figure below is easy to check by hand
 
@@ -100,3 +110,36 @@ def test_no_saving_means_no_payback_and_no_benchmark_no_section() -> None:
     interrupted = benchmark(0.002, 0.0005)
     interrupted["status"] = "interrupted"
     assert payback_of([*rows, interrupted]) is None
+
+
+def test_a_measured_payback_is_reported_and_an_edited_one_is_caught_by_the_audit(
+    tmp_path: Path, tiny_recipe_sets: list[str]
+) -> None:
+    """End to end: the quickstart shrunk to the tiny models, then the embedded WRN-40-2 benchmarked against the
+    run's student (the benchmark's teacher is the one the saving is counted against)."""
+    run = tmp_path / "run"
+    runner = CliRunner()
+    done = runner.invoke(app, ["run", QUICKSTART, "--run", str(run), *tiny_recipe_sets, "--json"])
+    assert done.exit_code == 0, done.output
+    bench = runner.invoke(app, ["benchmark", "inference", str(EMBEDDED_TEACHER_PATH), str(run), "--images", "512",
+                                "--device", "cpu", "--grid-intensity", "400", "--json"])  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    saved = tmp_path / "report.json"
+    written = runner.invoke(app, ["report", str(run), "--format", "json", "--out", str(saved)])
+    assert written.exit_code == 0, written.output
+    report = json.loads(saved.read_text())
+    payback = report["runs"][0]["payback"]
+    record = read_ledger(run / "carbon.jsonl")[-1]
+    assert payback["benchmark"] == {"seq": record["seq"], "record_sha256": record["record_sha256"], "images": 512}
+    # Re-derived by hand from the record's phases: energy with PUE over the images, per 1,000.
+    teacher = record["phases"]["teacher-inference"]["energy_kwh"]["total"] * record["pue"] / 512 * 1000
+    assert payback["teacher_per_1000"]["energy_kwh_with_pue"] == pytest.approx(teacher)
+    assert payback["saved_per_1000"]["co2eq_g"] > 0 and payback["inferences_to_repay"] > 0
+    assert audit_run(run, report) == []
+    assert "payback-chart-0" in render_html(report) and "Carbon payback" in render_markdown(report)
+
+    report["runs"][0]["payback"]["inferences_to_repay"] *= 2
+    saved.write_text(json.dumps(report))
+    audited = runner.invoke(app, ["audit", str(run), "--report", str(saved), "--json"])
+    assert audited.exit_code != 0
+    assert "payback.inferences_to_repay" in audited.stdout

@@ -40,17 +40,25 @@ def test_quickstart_runs_every_stage_metered_resumes_and_audits(tmp_path: Path, 
     assert [(r["stage"], r["status"]) for r in read_ledger(run / "carbon.jsonl")] == [
         ("synthesis", "complete"),
         ("distillation", "complete"),
+        ("inference-benchmark", "complete"),  # issue 14: the quickstart's [inference]
     ]
     assert (run / "student" / "student.safetensors").exists()
+    # Issue 14: the quickstart's [export]: the student as ONNX, checked and hashed in the manifest.
+    (exported,) = summary["export"]
+    assert exported["format"] == "onnx" and exported["max_abs_diff"] <= 1e-3
+    assert summary["inference"]["models"]["student"]["onnx"] is not None  # the benchmark timed that export
     saved = json.loads((run / "recipe.json").read_text())
     manifest = json.loads((run / "manifest.json").read_text())
     assert saved == manifest["recipe"] and saved["distill"]["epochs"] == 3 and saved["name"] == "quickstart"
     assert manifest["artifacts"]["recipe.json"]["role"] == "recipe"
     assert audit_run(run) == []
 
+    written = Path(exported["path"]).stat().st_mtime_ns
     # The same command again: nothing to do, nothing metered.
     again = invoke("run", QUICKSTART, "--run", str(run), *tiny_recipe_sets)
-    assert again["synthesis_work"]["already_finished"] and len(read_ledger(run / "carbon.jsonl")) == 2
+    assert again["synthesis_work"]["already_finished"] and len(read_ledger(run / "carbon.jsonl")) == 3
+    assert again["export"][0]["sha256"] == exported["sha256"] and again["export"][0]["path"] == exported["path"]
+    assert Path(exported["path"]).stat().st_mtime_ns == written, "an intact export of this student is not redone"
 
     # Other settings on the same run dir are refused, naming what differs.
     result = CliRunner().invoke(
@@ -107,7 +115,8 @@ def test_a_finished_run_gains_an_evaluation_without_redoing_its_stages(
     assert 0 <= extended["distillation"]["test_acc"] <= 100
     assert extended["distillation"]["test_data"] == str(data.resolve())
     stages = [r["stage"] for r in read_ledger(run / "carbon.jsonl")]
-    assert stages == ["synthesis", "distillation", "evaluation"]
+    # The quickstart's [inference] ran on the first call; the later data adds only the evaluation.
+    assert stages == ["synthesis", "distillation", "inference-benchmark", "evaluation"]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["recipe"]["evaluate"]["data"] == str(data)  # the recorded recipe is the latest
     assert manifest["stages"]["evaluation"]["result"]["test_acc"] == extended["distillation"]["test_acc"]
@@ -119,7 +128,7 @@ def test_a_finished_run_gains_an_evaluation_without_redoing_its_stages(
         "--set", "run.description=renamed", "--set", "carbon.pue=1.2",
     )  # fmt: skip
     assert again["distillation"]["test_acc"] == extended["distillation"]["test_acc"]
-    assert len(read_ledger(run / "carbon.jsonl")) == 3
+    assert len(read_ledger(run / "carbon.jsonl")) == 4
 
     # Another recipe (here: the same settings under another name) is still refused, naming what differs once.
     renamed = tmp_path / "renamed.toml"
