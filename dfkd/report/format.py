@@ -209,7 +209,9 @@ def headline_lines(run: dict[str, Any]) -> list[tuple[str, str]]:
 PAYBACK_HEADERS = ("figure", "kWh with PUE", "g CO2eq", "inferences to repay")
 
 
-def _inference_count(value: float | None) -> str:
+def _inference_count(value: float | None, cost: float | None) -> str:
+    if cost is None:
+        return "-"
     return "never (no saving)" if value is None else f"{value:,.0f}"
 
 
@@ -218,6 +220,11 @@ def payback_line(payback: dict[str, Any]) -> str:
     saved = payback["saved_per_1000"]["co2eq_g"]
     if saved is None:
         return "the inference benchmark's energy was not metered, so no payback"
+    if payback["cost"]["co2eq_g"] is None:
+        return (
+            f"the student saves {number(saved)} g CO2eq per 1,000 inferences against the teacher; this run dir "
+            "holds no generation or compression records to repay"
+        )
     repay = payback["inferences_to_repay"]
     when = "never repays the run" if repay is None else f"repays the run's {number(payback['cost']['co2eq_g'])} g"
     when += "" if repay is None else f" after {repay:,.0f} inferences"
@@ -240,7 +247,7 @@ def payback_rows(payback: dict[str, Any]) -> list[list[str]]:
             "the run: generation + compression",
             number(cost["energy_kwh_with_pue"]),
             number(cost["co2eq_g"]),
-            _inference_count(payback["inferences_to_repay"]),
+            _inference_count(payback["inferences_to_repay"], cost["co2eq_g"]),
         ]
     )
     tuning = payback["tuning_extra"]
@@ -250,7 +257,7 @@ def payback_rows(payback: dict[str, Any]) -> list[list[str]]:
                 "of which tuning τ by grid (beyond one trial)",
                 number(tuning["energy_kwh_with_pue"]),
                 number(tuning["co2eq_g"]),
-                _inference_count(tuning["inferences_to_repay"]),
+                _inference_count(tuning["inferences_to_repay"], tuning["co2eq_g"]),
             ]
         )
     return rows

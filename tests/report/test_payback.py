@@ -107,6 +107,10 @@ def test_no_saving_means_no_payback_and_no_benchmark_no_section() -> None:
     assert found is not None and found["inferences_to_repay"] is None
     assert any("never repaid" in note for note in found["caveats"])
     assert "never repays the run" in payback_line(found) and payback_series(found) == []
+    alone = payback_of([benchmark(0.002, 0.0005)])  # a benchmark-only run dir: nothing to repay
+    assert alone is not None and alone["cost"] == {"energy_kwh_with_pue": None, "co2eq_g": None}
+    assert "holds no generation or compression records to repay" in payback_line(alone)
+    assert payback_rows(alone)[3][3] == "-"
     interrupted = benchmark(0.002, 0.0005)
     interrupted["status"] = "interrupted"
     assert payback_of([*rows, interrupted]) is None
