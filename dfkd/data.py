@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from dfkd.device import free_memory_bytes
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_bytes
 from dfkd.tensor_files import safetensors_bytes
@@ -311,11 +312,18 @@ def load_split(
     else:
         classes, files = _list_split(root, layout, split)
         sources = [file for file, _ in files]
-        if stream:
-            width, height = (size, size) if size is not None else _image_size(sources[0])
-            if len(files) * 3 * height * width > resident_bytes():
-                labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-                return StreamedSplit(sources, labels, classes, source, size, (height, width))
+        width, height = (size, size) if size is not None else _image_size(sources[0])
+        decoded = len(files) * 3 * height * width
+        if stream and decoded > resident_bytes():
+            labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+            return StreamedSplit(sources, labels, classes, source, size, (height, width))
+        available = free_memory_bytes(torch.device("cpu"))  # a split is decoded on the host before it moves
+        if decoded > available:  # decoding would swap the machine to a halt, or be killed, hours in
+            raise DfkdError(
+                f"{source} holds {len(files):,} images, {decoded / 2**30:.3g} GiB decoded at {width}x{height}, more "
+                f"than the {available / 2**30:.3g} GiB of memory available: training on real data holds its split in "
+                "memory; use a smaller split or image size, or a machine with more memory"
+            )
     cache_file = _cache_file(root, split, layout, sources, size)
     cached = _read_cache(cache_file)
     if cached is not None:

@@ -37,9 +37,20 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory that can still be allocated on `device`: free GPU memory, or available physical RAM."""
+    """Memory that can still be allocated on `device`: free GPU memory, or available physical RAM.
+
+    On Linux, RAM is the kernel's MemAvailable (free pages plus the page cache and slabs it can reclaim):
+    free pages alone undercount it by the cache, which reading a dataset fills.
+    """
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -300,3 +300,17 @@ def test_a_torchvision_teacher_imported_from_its_pth_is_evaluated_on_64px_data(
         result = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(data), "--device", "cpu", "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["accuracy"] == pytest.approx(accuracy)
+
+
+def test_a_split_too_big_for_memory_is_refused_before_decoding_unless_streamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: Path
+) -> None:
+    import dfkd.data as data
+
+    root = _image_folder(tmp_path / "folder", [(64, 64)] * 3)
+    monkeypatch.setattr(data, "free_memory_bytes", lambda device: 3 * 64 * 64 * 5)  # 5 of the 6 images
+    with pytest.raises(DfkdError, match=r"holds 6 images, .* GiB decoded at 64x64, more than the .* available") as info:
+        load_split(root, "train")
+    assert "\n" not in str(info.value) and not any(fresh_cache.glob("*")), "refused before decoding or caching"
+    monkeypatch.setenv("DFKD_RESIDENT_BYTES", "1")
+    assert isinstance(load_split(root, "test", stream=True), StreamedSplit)  # evaluation streams it instead
