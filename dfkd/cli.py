@@ -19,6 +19,7 @@ from rich.text import Text
 from dfkd.carbon.config import CarbonConfig
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
+from dfkd.distributed import check_single_process
 from dfkd.errors import DfkdError
 from dfkd.files import ensure_writable, sha256_file
 from dfkd.models import list_models, model_spec
@@ -101,6 +102,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_single_process()
             return command(*args, **kwargs)
         except (DfkdError, OSError, ModuleNotFoundError) as exc:
             message = _one_line(exc)
