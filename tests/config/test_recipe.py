@@ -185,9 +185,9 @@ def test_validate_of_a_named_recipe_fails_on_a_missing_file(tmp_path: Path) -> N
 def test_export_and_inference_sections_are_validated_and_resolved_only_when_present(tmp_path: Path) -> None:
     from dfkd.config.deploy import ExportSection, InferenceSection
 
-    base = (
-        (RECIPES_DIR / "quickstart.toml").read_text().replace("../checkpoints", str(RECIPES_DIR.parent / "checkpoints"))
-    )
+    quickstart = (RECIPES_DIR / "quickstart.toml").read_text()
+    base = quickstart[: quickstart.index("[export]")]  # the quickstart without its last steps
+    base = base.replace("../checkpoints", str(RECIPES_DIR.parent / "checkpoints"))
     plain = tmp_path / "plain.toml"
     plain.write_text(base)
     recipe = load_recipe(plain)
