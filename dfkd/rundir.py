@@ -25,6 +25,7 @@ from dfkd.manifest import MANIFEST_FILE, ArtifactEntry, Manifest, load_manifest,
 
 SYNTHETIC_DIR = "synthetic"
 STUDENT_DIR = "student"
+STUDENT_FILE = f"{STUDENT_DIR}/student.safetensors"  # the run's published student
 ESTIMATE_FILE = "estimate.json"  # a dry run's estimate (`dfkd run --dry-run --run DIR`)
 # Each stage's outputs, by manifest section: what `discard` removes.
 STAGE_DIRS = {"synthesis": SYNTHETIC_DIR, "distillation": STUDENT_DIR}

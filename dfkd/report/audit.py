@@ -22,8 +22,7 @@ from dfkd.errors import DfkdError
 from dfkd.files import sha256_file, symlinks_under
 from dfkd.manifest import MANIFEST_FILE, Manifest, load_manifest
 from dfkd.report.audit_manifest import manifest_problems, short
-from dfkd.report.build import ENERGY_PARTS, PHASES, REPORT_SCHEMA, build_report, phase_of
-from dfkd.report.payback import BENCHMARK
+from dfkd.report.build import ENERGY_PARTS, PHASE_OF_PART, REPORT_SCHEMA, build_report, phase_of
 
 # The parts of a report's run section that are derived from the run and so must match it.
 # `payback` only where the run has an inference benchmark: a saved report's payback must equal the re-derived one.
@@ -170,10 +169,10 @@ def _phase_checks(record: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
 def _phase_records(records: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
     """The records of `phase`, and from each record metered in phases its share of `phase` as a record of
     its own (PUE and intensity applied as to the whole record; time outside the phases counts as other)."""
-    found = [r for r in records if phase_of(r["stage"]) == phase]
+    found = [r for r in records if phase_of(r["stage"]) == phase and not r.get("phases")]
     for record in records:
         for name, entry in (record.get("phases") or {}).items():
-            if (name if name in ("generation", "compression") else "other") != phase:
+            if PHASE_OF_PART.get(name, "other") != phase:
                 continue
             with_pue = {
                 p: None if entry["energy_kwh"][p] is None else entry["energy_kwh"][p] * record["pue"]
@@ -271,8 +270,8 @@ def _totals_problems(run: Path, records: list[dict[str, Any]], report: dict[str,
         problems += _sum_problems(
             "interrupted", fresh["interrupted"], [r for r in records if r["status"] != "complete"]
         )
-        for phase in PHASES:
-            problems += _sum_problems(f"phases.{phase}", fresh["phases"][phase], _phase_records(records, phase))
+        for phase, totals in fresh["phases"].items():
+            problems += _sum_problems(f"phases.{phase}", totals, _phase_records(records, phase))
     except (KeyError, TypeError):
         problems = ["carbon.jsonl: records lack the fields a ledger record has, so the totals cannot be re-summed"]
     return problems + (_saved_report_problems(report, fresh) if report is not None else [])
@@ -346,11 +345,6 @@ def audit_scope(run: Path, with_report: bool) -> list[str]:
     ]
     if phased:
         scope.insert(2, f"{phased} records metered in phases: phases sum to the record (energy, time, FLOPs)")
-    if any(record.get("stage") == BENCHMARK for record in records):
-        scope.append(
-            "the carbon payback re-derived from the inference-benchmark record's phases and the generation and "
-            "compression records"
-        )
     if with_report:
         scope.append(
             "the saved report's ledger, rows, totals, phases, interrupted, artifacts and payback against the run"

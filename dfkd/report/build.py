@@ -18,17 +18,24 @@ from typing import Any, cast
 from dfkd.carbon.ledger import LEDGER_FILE, read_ledger, verify_ledger
 from dfkd.errors import DfkdError
 from dfkd.files import sha256_file, utc_now
-from dfkd.manifest import MANIFEST_FILE, Manifest, load_manifest
+from dfkd.manifest import MANIFEST_FILE, Manifest, load_manifest, synthesis_of
 from dfkd.report.notes import caveats, provenance
-from dfkd.report.payback import carbon_payback
-from dfkd.rundir import ESTIMATE_FILE
+from dfkd.report.payback import STUDENT_PHASE, TEACHER_PHASE, carbon_payback
+from dfkd.rundir import ESTIMATE_FILE, STUDENT_FILE
 
 REPORT_SCHEMA = "dfkd.report/1"
-PHASES = ("generation", "compression", "teacher", "other")
+PHASES = ("generation", "compression", "teacher", "inference", "other")
+# A phase a run has only when it has such records (so reports of other runs are as they were).
+OPTIONAL_PHASES = ("inference",)
 # The stage of the interleaved mode: one record metered in phases, split between generation and compression.
 INTERLEAVED = "interleaved"
 # Where each metered phase of a phased record goes in the report's split.
-PHASE_OF_PART = {"generation": "generation", "compression": "compression"}
+PHASE_OF_PART = {
+    "generation": "generation",
+    "compression": "compression",
+    TEACHER_PHASE: "inference",
+    STUDENT_PHASE: "inference",
+}
 ENERGY_PARTS = ("cpu", "gpu", "ram", "total")
 # What the report shows of a stage's manifest section: its resolved settings, not its results.
 CONFIG_KEYS = ("config", "method_config", "config_hash", "identity", "teacher", "source", "selection", "targets")
@@ -160,8 +167,9 @@ def _parts(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def phase_shares(rows: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
-    """What of `rows` belongs to `phase`: whole rows of that phase and the matching parts of phased rows."""
-    whole = [row for row in rows if row["phase"] == phase]
+    """What of `rows` belongs to `phase`: whole rows of that phase and the matching parts of phased rows (a
+    phased row counts only through its parts, which sum to it)."""
+    whole = [row for row in rows if row["phase"] == phase and "parts" not in row]
     return whole + [part for row in rows for part in row.get("parts", {}).values() if part["phase"] == phase]
 
 
@@ -251,8 +259,11 @@ def run_entry(run: Path, name: str) -> dict[str, Any]:
     rows = _rows(ledger, run)
     problems = verify_ledger(ledger)
     artifacts = manifest.get("artifacts", {})
-    phases = {phase: sum_rows(phase_shares(rows, phase)) for phase in PHASES}
-    payback = carbon_payback(rows, phases)
+    shares = {phase: phase_shares(rows, phase) for phase in PHASES}
+    phases = {p: sum_rows(found) for p, found in shares.items() if found or p not in OPTIONAL_PHASES}
+    student = artifacts.get(STUDENT_FILE)
+    teacher = synthesis_of(manifest).get("teacher", {}).get("sha256")
+    payback = carbon_payback(rows, phases, teacher, None if student is None else student["sha256"])
     return {
         "name": name,
         "path": str(run),

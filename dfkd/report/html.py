@@ -257,13 +257,19 @@ def energy_bars(report: dict[str, Any]) -> list[Bar]:
 
 
 def co2_bars(report: dict[str, Any]) -> list[Bar]:
-    """Each record's CO2eq, coloured by phase (generation, compression, ...)."""
+    """Each record's CO2eq, coloured by phase (generation, compression, ...); a record metered in phases (the
+    interleaved mode's, the inference benchmark's) stacks its parts, each in its own phase's colour."""
     several = len(report["runs"]) > 1
     bars = []
     for run in report["runs"]:
         for row in run["rows"]:
             value = row["co2eq_g"]
-            segments = [] if value is None else [(row["phase"], value, PHASE_COLOURS[row["phase"]])]
+            parts = (
+                [(p["phase"], p["co2eq_g"]) for p in row["parts"].values()]
+                if "parts" in row
+                else [(row["phase"], value)]
+            )
+            segments = [] if value is None else [(phase, co2, PHASE_COLOURS[phase]) for phase, co2 in parts if co2]
             text = "not metered" if value is None else f"{number(value)} g"
             bars.append(Bar(_row_label(run, row, several), segments, text, value is None, row["status"] != "complete"))
     return bars
@@ -356,7 +362,7 @@ def _payback_html(run: dict[str, Any], index: int) -> str:
     )  # fmt: skip
     caveats = "".join(f"<li>{escape(note)}</li>" for note in payback["caveats"])
     return f"""<h3>Carbon payback (from the inference benchmark)</h3>
-<p>{escape(payback_line(payback).capitalize())}.</p>
+<p>{escape(payback_line(payback)[:1].upper() + payback_line(payback)[1:])}.</p>
 {_table(PAYBACK_HEADERS, payback_rows(payback))}
 {f'<div class="scroll">{chart}</div>' if chart else ""}
 <ul>{caveats}</ul>"""
@@ -454,6 +460,7 @@ def render_html(report: dict[str, Any]) -> str:
     """The whole report as one HTML document with no external resources."""
     runs = report["runs"]
     phases = {row["phase"] for run in runs for row in run["rows"]}
+    phases |= {part["phase"] for run in runs for row in run["rows"] for part in row.get("parts", {}).values()}
     phase_legend = {phase: colour for phase, colour in PHASE_COLOURS.items() if phase in phases}
     charts = "".join(
         f'<div class="scroll">{chart}</div>'

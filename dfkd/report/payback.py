@@ -24,7 +24,11 @@ TEACHER_PHASE, STUDENT_PHASE = "teacher-inference", "student-inference"
 
 
 def _per_1000(part: dict[str, Any], images: int) -> dict[str, float | None]:
+    """A phase's energy and CO2eq per 1,000 of its images; None where unknown, and where the counter read
+    nothing (a phase shorter than its update interval): zero would price the model as free."""
     energy, co2 = part["energy_kwh_with_pue"]["total"], part["co2eq_g"]
+    if not energy:
+        energy = co2 = None
     return {
         "energy_kwh_with_pue": None if energy is None else energy / images * 1000,
         "co2eq_g": None if co2 is None else co2 / images * 1000,
@@ -42,13 +46,17 @@ def _inferences(cost: float | None, saved_per_1000: float | None) -> float | Non
     return cost / (saved_per_1000 / 1000)
 
 
-def _benchmark(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _benchmark(rows: list[dict[str, Any]], teacher: str | None, student: str | None) -> dict[str, Any] | None:
+    """The last complete benchmark of this run's own teacher and student (by sha256, where the run records
+    them): a benchmark of other models says nothing about what this run's student saves."""
     done = [
         r
         for r in rows
         if r["stage"] == BENCHMARK
         and r["status"] == "complete"
         and {TEACHER_PHASE, STUDENT_PHASE} <= set(r.get("parts", {}))
+        and teacher in (None, r["info"].get("teacher", {}).get("sha256"))
+        and student in (None, r["info"].get("student", {}).get("sha256"))
     ]
     return done[-1] if done else None
 
@@ -69,12 +77,18 @@ def _tuning(rows: list[dict[str, Any]]) -> dict[str, float] | None:
     return extra
 
 
-def carbon_payback(rows: list[dict[str, Any]], phases: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The payback section of a run's report (module docstring), or None when the run has no inference benchmark.
+def carbon_payback(
+    rows: list[dict[str, Any]],
+    phases: dict[str, dict[str, Any]],
+    teacher_sha256: str | None = None,
+    student_sha256: str | None = None,
+) -> dict[str, Any] | None:
+    """The payback section of a run's report (module docstring), or None when the run has no inference benchmark
+    of its own teacher and student (`teacher_sha256`, `student_sha256`: as the run records them; None: any).
 
     `rows` are the report's rows, `phases` its per-phase totals (`generation`, `compression`).
     """
-    bench = _benchmark(rows)
+    bench = _benchmark(rows, teacher_sha256, student_sha256)
     if bench is None:
         return None
     images = bench["info"].get("images")
@@ -91,16 +105,17 @@ def carbon_payback(rows: list[dict[str, Any]], phases: dict[str, dict[str, Any]]
     caveats = [
         f"energy per inference measured on {bench['device_model'] or bench['device']} at batch "
         f"{bench['info'].get('batch_size')} in {bench['info'].get('precision', 'its precision')} over "
-        f"{images:,} images per model; another device, batch size or runtime changes it",
+        f"{images:,} images per model, through PyTorch (not an exported file); another device, batch size or "
+        "runtime changes it",
         f"the savings are priced at the benchmark's carbon intensity ({bench['carbon_intensity_g_per_kwh']:g} g/kWh, "
         f"{bench['sources']['carbon_intensity']}); the cost at its own records'",
         "the cost is the run's generation and compression records (interrupted attempts included); teacher "
         "training, evaluation and the benchmark itself are not counted",
     ]
-    if 0.0 in (teacher["energy_kwh_with_pue"], student["energy_kwh_with_pue"]):
+    if None in (teacher["energy_kwh_with_pue"], student["energy_kwh_with_pue"]):
         caveats.append(
-            "a model's phase read no energy (shorter than the energy counter's update interval): benchmark "
-            "more images (--images, [inference] images) for a figure"
+            "a model's phase read no energy (unmetered, or shorter than the energy counter's update interval), so "
+            "there is no payback figure: benchmark more images (--images, [inference] images)"
         )
     if saved["co2eq_g"] is not None and saved["co2eq_g"] <= 0:
         caveats.append("the student did not use less energy than the teacher here, so the run is never repaid")

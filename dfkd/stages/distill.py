@@ -47,7 +47,7 @@ from dfkd.manifest import DistillationSection, distillation_of, synthesis_of
 from dfkd.metrics import top1_agreement
 from dfkd.models import create_model
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors, sgd_with_cosine
-from dfkd.rundir import STUDENT_DIR, RunDir
+from dfkd.rundir import STUDENT_DIR, STUDENT_FILE, RunDir
 from dfkd.stages.evaluate import check_classes, evaluate_on, predict_logits
 from dfkd.stages.runner import FlopsPerUnit, StageReport, finished_record, run_metered
 from dfkd.stages.training import BatchLoss, EpochStats, train_epochs
@@ -605,7 +605,7 @@ def select_winner(prepared: PreparedDistill, run: RunDir, results: dict[str, dic
 
 def publish_student(run: RunDir, trial: str) -> Path:
     """Make a trial's student the run's student (`student/student.safetensors`), atomically."""
-    final = run.root / STUDENT_DIR / "student.safetensors"
+    final = run.root / STUDENT_FILE
     with atomic_path(final) as tmp:
         shutil.copyfile(trial_dir(run, trial) / "student.safetensors", tmp)
     run.record_artifact(final, "distillation", role="student")
@@ -650,7 +650,7 @@ def finished_result(run: RunDir) -> dict[str, Any] | None:
     Rerunning a finished command then does no work and meters nothing (no duplicate ledger records).
     """
     stage = distillation_of(run.read_manifest())
-    if "result" in stage and run.artifact_intact(run.root / STUDENT_DIR / "student.safetensors"):
+    if "result" in stage and run.artifact_intact(run.root / STUDENT_FILE):
         return stage["result"]
     return None
 

@@ -24,7 +24,7 @@ from dfkd.device import default_precision, prepare_model
 from dfkd.errors import DfkdError
 from dfkd.files import sha256_file, utc_now
 from dfkd.manifest import distillation_of, evaluation_of
-from dfkd.rundir import STUDENT_DIR, RunDir
+from dfkd.rundir import STUDENT_FILE, RunDir
 from dfkd.stages.distill import resolved_data
 from dfkd.stages.evaluate import check_classes, evaluate_on
 from dfkd.stages.runner import StageReport, finished_record, run_metered
@@ -39,7 +39,7 @@ def measured_on(run: RunDir, data: str) -> dict[str, Any] | None:
     result = distillation_of(manifest).get("result", {})
     if result.get("test_data") == wanted and "test_acc" in result:
         return {"test_acc": result["test_acc"], "data": wanted, "by": "distillation"}
-    student = run.root / STUDENT_DIR / "student.safetensors"
+    student = run.root / STUDENT_FILE
     recorded = evaluation_of(manifest)
     if recorded.get("data") == wanted and student.is_file() and recorded.get("student_sha256") == sha256_file(student):
         if finished_record(run, lambda r: r.get("stage") == STAGE and r["result"].get("data") == wanted):
@@ -56,7 +56,7 @@ def evaluate_run_student(run: RunDir, data: str, carbon: CarbonConfig, device: t
     found = measured_on(run, data)
     if found is not None:
         return found
-    student_path = run.root / STUDENT_DIR / "student.safetensors"
+    student_path = run.root / STUDENT_FILE
     if not run.artifact_intact(student_path):
         raise DfkdError(f"run dir {run.root} has no intact student to evaluate: finish its distillation first")
     wanted = resolved_data(data)

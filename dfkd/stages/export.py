@@ -33,7 +33,7 @@ from dfkd.device import resolve_device
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, ensure_writable, package_versions, sha256_file
 from dfkd.manifest import ExportEntry
-from dfkd.rundir import STUDENT_DIR, RunDir
+from dfkd.rundir import STUDENT_FILE, RunDir
 from dfkd.stages.evaluate import check_classes
 from dfkd.synthetic_set import SyntheticSet
 
@@ -126,10 +126,10 @@ def check_request(fmt: str, out: Path | None, quantize: str | None) -> None:
 
 def run_student(run: RunDir) -> Source:
     """The run's student, which must match its manifest (a half-written or replaced one is not exported)."""
-    student = run.root / STUDENT_DIR / "student.safetensors"
+    student = run.root / STUDENT_FILE
     if not run.artifact_intact(student):
         raise DfkdError(
-            f"run dir {run.root} has no intact student ({STUDENT_DIR}/student.safetensors): finish its distillation "
+            f"run dir {run.root} has no intact student ({STUDENT_FILE}): finish its distillation "
             f"first (`dfkd distill --run {run.root}`), or export a .safetensors checkpoint"
         )
     model, meta = load_checkpoint(student)

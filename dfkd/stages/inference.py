@@ -37,9 +37,10 @@ from dfkd.data import AnySplit, load_split, normalize
 from dfkd.device import Precision, autocast, default_precision, prepare_model, uses_channels_last
 from dfkd.errors import DfkdError
 from dfkd.files import sha256_file
+from dfkd.manifest import MANIFEST_FILE, synthesis_of
 from dfkd.progress import make_progress
 from dfkd.report.payback import BENCHMARK, STUDENT_PHASE, TEACHER_PHASE
-from dfkd.rundir import STUDENT_DIR, RunDir, default_run_dir
+from dfkd.rundir import STUDENT_FILE, RunDir, default_run_dir
 from dfkd.stages.evaluate import check_classes, evaluate_on
 from dfkd.stages.runner import FlopsPerUnit, Phase, StageReport, run_metered_in_phases
 
@@ -119,10 +120,10 @@ def prepare_benchmark(
         )
     student_run = RunDir(student) if student.is_dir() else None
     if student_run is not None:
-        student = student_run.root / STUDENT_DIR / "student.safetensors"
+        student = student_run.root / STUDENT_FILE
         if not student_run.artifact_intact(student):
             raise DfkdError(
-                f"run dir {student_run.root} has no intact student ({STUDENT_DIR}/student.safetensors, as its "
+                f"run dir {student_run.root} has no intact student ({STUDENT_FILE}, as its "
                 "manifest lists it): finish its distillation first, or pass a student .safetensors"
             )
         onnx_student = onnx_student or _listed_onnx(student_run, sha256_file(student))
@@ -139,7 +140,28 @@ def prepare_benchmark(
         for bench in loaded.values():
             check_classes(test_set, bench.meta, bench.path)
     root = run or (student_run.root if student_run is not None else default_run_dir("inference"))
+    check_run_models(root, first, second)
     return PreparedBenchmark(first, second, root, device, default_precision(device), images, batch_size, test_set)
+
+
+def check_run_models(root: Path, teacher: BenchModel, student: BenchModel) -> None:
+    """A run dir's benchmark must time that run's own teacher and student (the report prices what its student
+    saves against the teacher it replaces): another model of either is refused, before anything is written."""
+    if not (root / MANIFEST_FILE).is_file():
+        return
+    manifest = RunDir(root).read_manifest()
+    student_entry = manifest["artifacts"].get(STUDENT_FILE)
+    recorded = {
+        "teacher": synthesis_of(manifest).get("teacher", {}).get("sha256"),
+        "student": None if student_entry is None else student_entry["sha256"],
+    }
+    for role, bench in (("teacher", teacher), ("student", student)):
+        own = recorded[role]
+        if own is not None and own != bench.sha256:
+            raise DfkdError(
+                f"{bench.path} is not the {role} of run dir {root} (sha256 {bench.sha256[:12]}…, the run's is "
+                f"{own[:12]}…): benchmark the run's own {role}, or record this pair in another --run"
+            )
 
 
 def _listed_onnx(run: RunDir, student_sha256: str) -> Path | None:

@@ -49,7 +49,7 @@ from dfkd.manifest import distillation_of, synthesis_of
 from dfkd.models import create_model
 from dfkd.optim import sgd_with_cosine
 from dfkd.progress import make_progress
-from dfkd.rundir import STUDENT_DIR, RunDir
+from dfkd.rundir import STUDENT_FILE, RunDir
 from dfkd.stages.distill import (
     RESUME_ROLE,
     check_same_distillation,
@@ -189,9 +189,7 @@ def finished_result(run: RunDir, prepared: PreparedInterleaved) -> dict[str, Any
     )
     if record is None or not run.artifact_intact(run.root / record["result"]["student"]):
         return None
-    if not run.artifact_intact(run.root / STUDENT_DIR / "student.safetensors") or "result" not in distillation_of(
-        run.read_manifest()
-    ):
+    if not run.artifact_intact(run.root / STUDENT_FILE) or "result" not in distillation_of(run.read_manifest()):
         _publish(run, prepared, record["result"], record["work"])
     return distillation_of(run.read_manifest())["result"]
 

@@ -23,7 +23,7 @@ from dfkd.files import atomic_path, atomic_write_json, sha256_file
 from dfkd.manifest import distillation_of, synthesis_of
 from dfkd.report.build import build_report
 from dfkd.report.payback import BENCHMARK
-from dfkd.rundir import ESTIMATE_FILE, STUDENT_DIR, SYNTHETIC_DIR, RunDir
+from dfkd.rundir import ESTIMATE_FILE, STUDENT_FILE, SYNTHETIC_DIR, RunDir
 from dfkd.stages.distill import check_same_distillation, distill_run, recorded_identity, student_source
 from dfkd.stages.evaluate import check_classes
 from dfkd.stages.evaluation import evaluate_run_student
@@ -164,7 +164,7 @@ def last_steps(recipe: Recipe, run: RunDir, show_progress: bool) -> dict[str, An
     """`[export]` then `[inference]` on the finished student, each done once: an export of this very student
     that is still intact, or a benchmark record of this teacher and student, is not made again. They take the
     run's lock themselves, so they run after the stages have released it."""
-    student = run.root / STUDENT_DIR / "student.safetensors"
+    student = run.root / STUDENT_FILE
     steps: dict[str, Any] = {}
     if recipe.export is not None:
         wanted: list[tuple[str, str | None]] = [(fmt, None) for fmt in recipe.export.formats]

@@ -56,9 +56,15 @@ def part(phase: str, kwh: float) -> dict[str, Any]:
 
 
 def benchmark(teacher_kwh: float, student_kwh: float, images: int = 1000) -> dict[str, Any]:
-    parts = {"teacher-inference": part("other", teacher_kwh), "student-inference": part("other", student_kwh)}
-    info = {"images": images, "batch_size": 64, "precision": "fp32"}
-    return row("inference-benchmark", "other", teacher_kwh + student_kwh, seq=9, parts=parts, info=info)
+    parts = {"teacher-inference": part("inference", teacher_kwh), "student-inference": part("inference", student_kwh)}
+    info = {
+        "images": images,
+        "batch_size": 64,
+        "precision": "fp32",
+        "teacher": {"sha256": "t" * 64},
+        "student": {"sha256": "s" * 64},
+    }
+    return row("inference-benchmark", "inference", teacher_kwh + student_kwh, seq=9, parts=parts, info=info)
 
 
 def payback_of(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -111,36 +117,47 @@ def test_no_saving_means_no_payback_and_no_benchmark_no_section() -> None:
     assert alone is not None and alone["cost"] == {"energy_kwh_with_pue": None, "co2eq_g": None}
     assert "holds no generation or compression records to repay" in payback_line(alone)
     assert payback_rows(alone)[3][3] == "-"
+    # A phase that read no energy is unknown, not free: no payback figure rather than a wrong one.
+    unread = payback_of([*rows, benchmark(0.002, 0.0)])
+    assert unread is not None and unread["student_per_1000"] == {"energy_kwh_with_pue": None, "co2eq_g": None}
+    assert unread["inferences_to_repay"] is None and any("read no energy" in note for note in unread["caveats"])
+    # Only a benchmark of the run's own teacher and student counts.
+    phases = {phase: sum_rows(phase_shares(rows, phase)) for phase in PHASES}
+    assert carbon_payback([*rows, benchmark(0.002, 0.0005)], phases, "t" * 64, "s" * 64) is not None
+    assert carbon_payback([*rows, benchmark(0.002, 0.0005)], phases, "t" * 64, "x" * 64) is None
     interrupted = benchmark(0.002, 0.0005)
     interrupted["status"] = "interrupted"
     assert payback_of([*rows, interrupted]) is None
 
 
 def test_a_measured_payback_is_reported_and_an_edited_one_is_caught_by_the_audit(
-    tmp_path: Path, tiny_recipe_sets: list[str]
+    tmp_path: Path, tiny_recipe_sets: list[str], tiny_teacher: Path
 ) -> None:
-    """End to end: the quickstart shrunk to the tiny models, then the embedded WRN-40-2 benchmarked against the
-    run's student (the benchmark's teacher is the one the saving is counted against)."""
+    """End to end: the quickstart shrunk to the tiny student but with the embedded WRN-40-2 as its teacher; its
+    [inference] benchmarks that very pair, and only that pair counts for the run's payback."""
     run = tmp_path / "run"
     runner = CliRunner()
-    done = runner.invoke(app, ["run", QUICKSTART, "--run", str(run), *tiny_recipe_sets, "--json"])
+    sets = [*tiny_recipe_sets, "--set", f"teacher.checkpoint={EMBEDDED_TEACHER_PATH}"]
+    done = runner.invoke(app, ["run", QUICKSTART, "--run", str(run), *sets, "--json"])
     assert done.exit_code == 0, done.output
-    bench = runner.invoke(app, ["benchmark", "inference", str(EMBEDDED_TEACHER_PATH), str(run), "--images", "512",
-                                "--device", "cpu", "--grid-intensity", "400", "--json"])  # fmt: skip
-    assert bench.exit_code == 0, bench.output
     saved = tmp_path / "report.json"
     written = runner.invoke(app, ["report", str(run), "--format", "json", "--out", str(saved)])
     assert written.exit_code == 0, written.output
     report = json.loads(saved.read_text())
     payback = report["runs"][0]["payback"]
     record = read_ledger(run / "carbon.jsonl")[-1]
-    assert payback["benchmark"] == {"seq": record["seq"], "record_sha256": record["record_sha256"], "images": 512}
+    assert record["stage"] == "inference-benchmark"
+    assert payback["benchmark"] == {"seq": record["seq"], "record_sha256": record["record_sha256"], "images": 2048}
     # Re-derived by hand from the record's phases: energy with PUE over the images, per 1,000.
-    teacher = record["phases"]["teacher-inference"]["energy_kwh"]["total"] * record["pue"] / 512 * 1000
-    assert payback["teacher_per_1000"]["energy_kwh_with_pue"] == pytest.approx(teacher)
+    teacher = record["phases"]["teacher-inference"]["energy_kwh"]["total"] * record["pue"] / 2048 * 1000
+    assert teacher > 0 and payback["teacher_per_1000"]["energy_kwh_with_pue"] == pytest.approx(teacher)
     assert payback["saved_per_1000"]["co2eq_g"] > 0 and payback["inferences_to_repay"] > 0
     assert audit_run(run, report) == []
     assert "payback-chart-0" in render_html(report) and "Carbon payback" in render_markdown(report)
+
+    # Another pair in this run dir is refused: the payback is about this run's own teacher and student.
+    other = runner.invoke(app, ["benchmark", "inference", str(tiny_teacher), str(run), "--device", "cpu", "--json"])
+    assert other.exit_code == 2 and "is not the teacher of run dir" in other.stderr
 
     report["runs"][0]["payback"]["inferences_to_repay"] *= 2
     saved.write_text(json.dumps(report))

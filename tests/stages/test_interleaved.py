@@ -24,6 +24,7 @@ from dfkd.cli import app
 from dfkd.config.recipe import load_recipe
 from dfkd.report.audit import audit_run
 from dfkd.report.build import build_report
+from dfkd.report.html import render_html
 from dfkd.stages.pipeline import run_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,6 +103,9 @@ def test_interleaved_run_writes_hashed_shards_one_phased_record_and_audits(
     assert phases["generation"]["flops"] == pytest.approx(record["phases"]["generation"]["flops"])
     assert entry["rows"][0]["result"]["metric"] == "holdout_agreement"
     assert audit_run(run) == []
+    # The HTML page stacks the record's parts in the CO2 chart (it once failed on the phased row).
+    page = render_html(build_report([run]))
+    assert 'id="co2-chart"' in page and "generation" in page and "compression" in page
 
     # The same command again does nothing and meters nothing.
     again = invoke("run", FAST, "--run", str(run), *tiny_interleaved)
