@@ -154,7 +154,7 @@ def prepare_interleaved(recipe: Recipe) -> PreparedInterleaved:
     synthesis = prepare_synthesis(recipe.synthesis, check_fit=False)
     meta = synthesis.teacher_meta
     get_loss(recipe.distill.loss)
-    student = create_model(recipe.distill.student, meta.num_classes)
+    student = create_model(recipe.distill.student, meta.num_classes).eval()  # as a synthesis step sees it
     test_set = None
     if recipe.evaluate.data:
         test_set = load_split(recipe.evaluate.data, "test", meta.input_size, stream=True)

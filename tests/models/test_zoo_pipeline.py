@@ -19,7 +19,7 @@ from dfkd.models.heads import pooled_features
 from synthesizers import get_synthesizer
 from synthesizers.bn_stats import batchnorm_layers
 from synthesizers.configs import CMIConfig, DeepInversionConfig, FastConfig
-from synthesizers.memory import activation_bytes
+from synthesizers.memory import saved_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,8 +102,14 @@ def test_a_teacher_without_batchnorm_is_refused_with_the_reason(tmp_path: Path) 
     assert not run.exists()
 
 
-@pytest.mark.parametrize(("name", "size"), [("wrn16_1", 32), ("torchvision:resnet18", 64), ("wrn40_2", 32)])
-def test_the_activation_estimate_is_what_autograd_keeps_for_the_backward_pass(name: str, size: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("wrn16_1", 32), ("wrn40_2", 32), ("torchvision:resnet18", 64), ("torchvision:googlenet", 64),
+     ("torchvision:mobilenet_v3_small", 96), ("timm:convnext_atto", 64), ("timm:regnety_002", 64)],
+)  # fmt: skip
+def test_the_estimate_is_what_autograd_keeps_for_the_backward_pass(name: str, size: int) -> None:
+    """The meta-device count against a real CPU pass (distinct storages autograd saved, parameters aside)."""
+    zoo_model(name)
     model = create_model(name, 10).train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
@@ -116,10 +122,11 @@ def test_the_activation_estimate_is_what_autograd_keeps_for_the_backward_pass(na
 
     images = torch.zeros(4, 3, size, size, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(images).sum().backward()
-    estimate = 4 * activation_bytes(model, torch.zeros(1, 3, size, size), "fp32")
-    # Measured 1.03x (WRN) to 1.33x (ResNet-18, whose in-place ReLUs share storage) of what is kept.
-    assert 1.0 <= estimate / sum(kept.values()) <= 1.5
+        out = model(images)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    estimate = 4 * saved_bytes(model, torch.zeros(1, 3, size, size), "fp32")
+    # Measured 1.00x (ConvNeXt) to 1.08x (RegNetY): views and in-place results counted once, as autograd keeps them.
+    assert 1.0 <= estimate / sum(kept.values()) <= 1.12
 
 
 def test_a_batch_costs_more_for_larger_images_two_views_and_a_student() -> None:
