@@ -83,7 +83,7 @@ def test_torchvision_pth_imports_and_gives_the_same_logits(tmp_path: Path, sourc
     state = source.state_dict()
     if form == "wrapped":  # a training script's checkpoint of an nn.DataParallel model
         state = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 90}
-    src, dst = tmp_path / "resnet18.pth", tmp_path / "out" / "resnet18.safetensors"
+    src, dst = tmp_path / "resnet18.pth", tmp_path / "out" / "resnet18.safetensors"  # a new folder is made
     torch.save(state, src)
     shown = import_ok(src, dst, "--arch", "torchvision:resnet18", "--num-classes", "5", "--dataset", "fish")
     assert shown["path"] == str(dst)

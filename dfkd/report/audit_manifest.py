@@ -190,6 +190,23 @@ def _distillation_problems(section: DistillationSection, records: list[Record], 
     return problems
 
 
+def _export_problems(exports: dict[str, Any], artifacts: dict[str, Any]) -> list[str]:
+    """Each export the manifest lists must be one of its hashed artifacts, with the same sha256 (the artifact
+    check then re-hashes the file itself)."""
+    problems = []
+    for path, entry in exports.items():
+        artifact = artifacts.get(path)
+        if artifact is None:
+            problems.append(f"manifest.json: export {path} is not among the hashed artifacts")
+        elif not isinstance(entry, dict) or entry.get("sha256") != artifact.get("sha256"):
+            recorded = entry.get("sha256") if isinstance(entry, dict) else entry
+            problems.append(
+                f"manifest.json: export {path} records sha256 {short(recorded)}, its artifact entry "
+                f"{short(artifact.get('sha256'))}"
+            )
+    return problems
+
+
 def manifest_problems(manifest: Manifest, records: list[Record], run_root: Path) -> list[str]:
     """Where the manifest's stage sections disagree with the ledger or with the shards' own metadata."""
     stages, artifacts = manifest.get("stages", {}), manifest.get("artifacts", {})
@@ -199,4 +216,4 @@ def manifest_problems(manifest: Manifest, records: list[Record], run_root: Path)
         problems += _shard_problems(stages["synthesis"], artifacts, run_root)
     if "distillation" in stages:
         problems += _distillation_problems(stages["distillation"], records, artifacts)
-    return problems
+    return problems + _export_problems(manifest.get("exports", {}), artifacts)

@@ -32,7 +32,7 @@ from dfkd.data import AnySplit, load_split
 from dfkd.device import resolve_device
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, ensure_writable, package_versions, sha256_file
-from dfkd.manifest import ExportEntry
+from dfkd.manifest import MANIFEST_FILE, ExportEntry
 from dfkd.rundir import STUDENT_FILE, RunDir
 from dfkd.stages.evaluate import check_classes
 from dfkd.synthetic_set import SyntheticSet
@@ -377,6 +377,8 @@ def export_source(
     check_request(fmt, out, quantize)
     torch_device = resolve_device(device)
     if source.is_dir():
+        if not (source / MANIFEST_FILE).is_file():  # checked first: locking would leave a .lock in any folder
+            raise DfkdError(f"{source} is not a dfkd run dir (no {MANIFEST_FILE}): pass a run dir or a checkpoint")
         run = RunDir.open(source, create=False)
         with run.locked():
             return _export_checked(

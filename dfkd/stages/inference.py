@@ -192,13 +192,15 @@ def _load(path: Path, onnx_path: Path | None) -> BenchModel:
     size = meta.input_size
     with torch.no_grad():
         flops = count_flops(lambda: model(torch.zeros(1, 3, size, size)))
-    onnx = None if onnx_path is None else _onnx_export(onnx_path, meta, path)
-    return BenchModel(path, model, meta, sha256_file(path), flops, onnx)
+    digest = sha256_file(path)
+    onnx = None if onnx_path is None else _onnx_export(onnx_path, meta, path, digest)
+    return BenchModel(path, model, meta, digest, flops, onnx)
 
 
-def _onnx_export(path: Path, meta: CheckpointMeta, checkpoint: Path) -> OnnxExport:
-    """`path` in an onnxruntime CPU session, refused unless it takes a dynamic batch of 3 x size x size images
-    and gives the checkpoint's number of classes."""
+def _onnx_export(path: Path, meta: CheckpointMeta, checkpoint: Path, checkpoint_sha256: str) -> OnnxExport:
+    """`path` in an onnxruntime CPU session, refused unless it takes a dynamic batch of 3 x size x size images,
+    gives the checkpoint's number of classes and, where `dfkd export` recorded its source, was made from this
+    very checkpoint (an export of another model of the same shape would be timed as this one's)."""
     if not path.is_file():
         raise DfkdError(f"ONNX file {path} does not exist: pass the path of an .onnx file")
     try:
@@ -228,7 +230,15 @@ def _onnx_export(path: Path, meta: CheckpointMeta, checkpoint: Path) -> OnnxExpo
             f"ONNX file {path} predicts {classes} classes but {checkpoint} {meta.num_classes}: "
             "pass the export of this checkpoint"
         )
-    graph = onnx.load(str(path), load_external_data=False).graph
+    proto = onnx.load(str(path), load_external_data=False)
+    source = {prop.key: prop.value for prop in proto.metadata_props}.get("source_sha256")
+    if source is not None and source != checkpoint_sha256:
+        raise DfkdError(
+            f"ONNX file {path} was exported from another checkpoint (source sha256 {source[:12]}…) than {checkpoint} "
+            f"({checkpoint_sha256[:12]}…): pass the export of this checkpoint "
+            f"(dfkd export {checkpoint} --format onnx --out FILE.onnx)"
+        )
+    graph = proto.graph
     external = {
         entry.value
         for tensor in graph.initializer

@@ -181,7 +181,8 @@ def _export_once(recipe: Recipe, run: RunDir, student: Path, fmt: str, quantize:
     if entry is not None and entry.get("source_sha256") == sha256_file(student) and run.artifact_intact(path):
         return {"path": str(path), **entry}
     data = Path(recipe.evaluate.data) if recipe.evaluate.data else None
-    return export_source(run.root, fmt, None, quantize or None, data, recipe.run.device)
+    # Exported on the CPU whatever the run's device, so a TorchScript or exported-program file loads anywhere.
+    return export_source(run.root, fmt, None, quantize or None, data, "cpu")
 
 
 def _benchmark_once(

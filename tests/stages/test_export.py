@@ -197,7 +197,9 @@ def test_an_export_that_does_not_match_is_refused_and_removed(
 def bad_inputs(tmp_path: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
     """Each bad input: the command line, and what its one-line error must say."""
     tiny = str(checkpoints["tiny"])
-    no_student = RunDir.open(tmp_path / "empty").root
+    empty = RunDir.open(tmp_path / "empty")
+    empty.update_manifest()  # a run dir (it has a manifest) whose distillation has not run
+    no_student = empty.root
     damaged = run_with_student(tmp_path / "damaged", checkpoints["tiny"])
     with open(damaged / "student" / "student.safetensors", "r+b") as f:
         f.seek(-1, 2)
@@ -235,6 +237,24 @@ def test_every_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, checkpoi
         message = cli_fails("export", *args)
         assert expected in message, (name, message)
         assert files() == before, name  # no file, temporary or not, and no folder
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    assert "is not a dfkd run dir (no manifest.json)" in cli_fails("export", str(folder), "--format", "onnx")
+    assert list(folder.iterdir()) == [], "not even a lock file in a folder that is not a run dir"
+
+
+def test_the_audit_checks_the_exports_the_manifest_lists(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    from dfkd.report.audit import audit_run
+
+    run = run_with_student(tmp_path / "run", checkpoints["tiny"])
+    assert CliRunner().invoke(app, ["export", str(run), "--format", "torchscript", "--json"]).exit_code == 0
+    ledgerless = audit_run(run)  # the test's run dir has a student but no ledger; nothing about the export
+    assert not any("export" in problem for problem in ledgerless), ledgerless
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["exports"]["export/student.pt"]["sha256"] = "0" * 64
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    found = [problem for problem in audit_run(run) if problem not in ledgerless]
+    assert len(found) == 1 and "export export/student.pt records sha256 '000000" in found[0], found
 
 
 def test_an_unknown_format_is_one_line_listing_the_formats(

@@ -143,15 +143,19 @@ def student_run(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     path.parent.mkdir()
     shutil.copyfile(student, path)
     digest = run.record_artifact(path, "distillation")
-    run.record_artifact(export_onnx(path, run.root / "student.onnx"), "export")
+    exported = export_onnx(path, run.root / "student.onnx")
     fp32 = {"format": "onnx", "quantize": None, "source_sha256": digest}
-    run.update_manifest(
-        exports={
-            "student.onnx": fp32,
-            "student-int8.onnx": {**fp32, "quantize": "dynamic"},
-            "earlier.onnx": {**fp32, "source_sha256": "0" * 64},
-        }
-    )
+    entries = {
+        "student.onnx": fp32,
+        "student-int8.onnx": {**fp32, "quantize": "dynamic"},
+        "earlier.onnx": {**fp32, "source_sha256": "0" * 64},
+    }
+    for name, entry in entries.items():  # each a hashed artifact, as `dfkd export` records it (the audit checks)
+        target = run.root / name
+        if target != exported:
+            shutil.copyfile(exported, target)
+        entry["sha256"] = run.record_artifact(target, "export")
+    run.update_manifest(exports=entries)
     return run.root
 
 
@@ -232,7 +236,19 @@ def test_bad_input_is_one_line_and_writes_nothing(
     export_altered.record_artifact(shutil.copyfile(sized, export_altered.root / "student.onnx"), "export")
     export_altered.update_manifest(exports={"student.onnx": {"format": "onnx", "source_sha256": digest}})
     (export_altered.root / "student.onnx").write_bytes(b"not the file exported")
+    # An export of the teacher, offered as the student's: same shape, another model (its metadata says so).
+    teachers_export = tmp_path / "teacher.onnx"
+    assert (
+        CliRunner()
+        .invoke(app, ["export", str(tiny_teacher), "--format", "onnx", "--out", str(teachers_export), "--json"])
+        .exit_code
+        == 0
+    )
     cases = {
+        "export of another checkpoint": (
+            (*pair, "--onnx-student", str(teachers_export)),
+            "was exported from another checkpoint",
+        ),
         "checkpoint missing": ((str(tmp_path / "nope.safetensors"), str(student)), "does not exist"),
         "classes differ": ((str(tiny_teacher), str(five)), "predicts 10 classes at 32 px but student"),
         "sizes differ": ((str(tiny_teacher), str(big)), "10 at 48 px: pair a student with its own teacher"),
