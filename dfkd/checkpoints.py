@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from torch import nn
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, first_line
 from dfkd.files import atomic_write_bytes
 from dfkd.models import create_model, model_spec
 from dfkd.tensor_files import safetensors_bytes
@@ -316,7 +316,7 @@ def _check_input_size(model: nn.Module, meta: CheckpointMeta) -> None:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
     except Exception as exc:  # noqa: BLE001 - zoo models fail on a bad size with Runtime-, Value- or AssertionError
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise DfkdError(
             f"{meta.arch} cannot classify {size}x{size} images ({reason}): pass the --input-size the weights were "
             "trained at"

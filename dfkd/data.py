@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dfkd.device import free_memory_bytes
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, first_line
 from dfkd.files import atomic_write_bytes
 from dfkd.tensor_files import safetensors_bytes
 
@@ -532,7 +532,7 @@ def _images_in(folder: Path) -> list[str]:
 
 
 def _unreadable(path: Path, exc: Exception) -> DfkdError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     return DfkdError(f"cannot read image {path} ({reason}): replace or delete the file")
 
 

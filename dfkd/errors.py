@@ -7,3 +7,10 @@ class DfkdError(Exception):
 
 class TooCostly(DfkdError):
     """A job estimated to run longer on a CPU than the caller allows: it needs the user's yes."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message, or its type's name when it has none: what a one-line error quotes
+    of a library's (often multi-line) exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
 from dfkd.data import AnySplit, load_split
 from dfkd.device import resolve_device
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, first_line
 from dfkd.files import atomic_path, ensure_writable, package_versions, sha256_file
 from dfkd.manifest import MANIFEST_FILE, ExportEntry
 from dfkd.rundir import STUDENT_FILE, RunDir
@@ -39,6 +39,7 @@ from dfkd.synthetic_set import SyntheticSet
 
 SUFFIXES: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 STAGE = "export"
+ONNX_INSTALL = "pip install 'dfkd[onnx]'"  # the extra that brings onnx, onnxruntime and onnxscript
 EXPORT_DIR = "export"
 OPSET = 18
 # fp32 kernels of two runtimes differ by rounding only (~1e-6 on the logits); more is a wrong graph.
@@ -120,7 +121,7 @@ def check_request(fmt: str, out: Path | None, quantize: str | None) -> None:
             import onnxscript  # noqa: F401  # torch.onnx's dynamo exporter translates through it
         except ImportError as exc:
             raise DfkdError(
-                f"--format onnx needs {exc.name or 'onnx'}, which is not installed here: pip install 'dfkd[onnx]'"
+                f"--format onnx needs {exc.name or 'onnx'}, which is not installed here: {ONNX_INSTALL}"
             ) from None
 
 
@@ -207,7 +208,7 @@ def _write(fmt: str, model: nn.Module, sample: Tensor, path: Path, metadata: dic
     except (DfkdError, OSError):
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter refuses an unsupported model with any exception type
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise DfkdError(f"{metadata['arch']} cannot be exported as {fmt} ({reason}): try another --format") from None
 
 

@@ -42,6 +42,7 @@ from dfkd.progress import make_progress
 from dfkd.report.payback import BENCHMARK, STUDENT_PHASE, TEACHER_PHASE
 from dfkd.rundir import STUDENT_FILE, RunDir, default_run_dir
 from dfkd.stages.evaluate import check_classes, evaluate_on
+from dfkd.stages.export import ONNX_INSTALL
 from dfkd.stages.runner import FlopsPerUnit, Phase, StageReport, run_metered_in_phases
 
 # The names the read side derives the energy per inference from (`dfkd.report.payback`).
@@ -53,7 +54,6 @@ WARMUP_RUNS, TIMED_RUNS = 10, 30
 # (codecarbon measures at most every 50 ms: a shorter phase reads no energy, its share lands after it).
 DEFAULT_BATCH = {"cuda": 256, "cpu": 64}
 DEFAULT_IMAGES = {"cuda": 20_000, "cpu": 2_048}
-ONNX_INSTALL = "pip install 'dfkd[onnx]'"
 
 
 @dataclass(frozen=True)
