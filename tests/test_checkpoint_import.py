@@ -145,7 +145,7 @@ def test_safetensors_source_whose_own_metadata_is_ignored(tmp_path: Path, source
         (("--arch", "wrn16_1", "--num-classes", "5"), "unexpected keys ['layer1.0.bn1.bias', "),
         (("--arch", "torchvision:resnet9000"), "unknown torchvision model 'resnet9000'"),
         (("--input-size", "0"), "torchvision:resnet18 cannot classify 0x0 images ("),
-        (("--mean", "0.5,0.5"), "needs 3 means and 3 positive stds"),
+        (("--mean", "0.5,0.5"), "needs 3 finite means and 3 positive finite stds"),
     ],
     ids=["num-classes", "arch-missing-keys", "arch-other-keys", "unknown-arch", "input-size", "mean"],
 )

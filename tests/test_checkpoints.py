@@ -181,8 +181,10 @@ def test_missing_metadata(tmp_path: Path, drop: str | None) -> None:
     [
         ("num_classes", "ten", "malformed metadata"),
         ("test_acc", "high", "malformed metadata"),
-        ("mean", "0.5,0.5", "needs 3 means and 3 positive stds"),
-        ("std", "0.2,0,0.2", "needs 3 means and 3 positive stds"),
+        ("mean", "0.5,0.5", "needs 3 finite means and 3 positive finite stds"),
+        ("std", "0.2,0,0.2", "needs 3 finite means and 3 positive finite stds"),
+        ("mean", "nan,0.5,0.5", "needs 3 finite means and 3 positive finite stds"),
+        ("std", "0.2,inf,0.2", "needs 3 finite means and 3 positive finite stds"),
         ("arch", "resnet9000", "unknown model 'resnet9000'"),
         ("class_names", "cat,dog", "malformed metadata"),
         ("class_names", '["cat", "dog"]', r"malformed metadata \(2 class names for 10 classes\)"),
