@@ -149,7 +149,9 @@ class CheckpointMeta:
         except ValueError as exc:
             raise DfkdError(f"checkpoint {source} has malformed metadata ({exc}): re-save it with dfkd") from None
         if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
-            raise DfkdError(f"checkpoint {source} needs 3 finite means and 3 positive finite stds, got {raw['mean']} / {raw['std']}")
+            raise DfkdError(
+                f"checkpoint {source} needs 3 finite means and 3 positive finite stds, got {raw['mean']} / {raw['std']}"
+            )
         extra = {k: v for k, v in raw.items() if k not in _CORE}
         return cls(arch, num_classes, mean, std, raw["dataset"], input_size, test_acc, extra, names)
 
