@@ -87,10 +87,12 @@ def run_metered_in_phases(
         report = work(outcome.phase)
         counted = {name: units for name, units in report.phase_units.items() if units > 0 and name in flops}
         if counted:
-            for name, units in counted.items():
-                outcome.phases.setdefault(name, {"energy_kwh": {}, "duration_s": 0.0})["flops"] = (
-                    flops[name].flops * units
-                )
+            # A phase entered but given no unit of work (a resumed run with only the other phase's work left)
+            # did 0 FLOPs, not an unknown number: otherwise its phases would not sum to the record's FLOPs.
+            for name in {*counted, *(entered for entered in outcome.phases if entered in flops)}:
+                outcome.phases.setdefault(name, {"energy_kwh": {}, "duration_s": 0.0})["flops"] = flops[
+                    name
+                ].flops * counted.get(name, 0)
             outcome.flops = sum(flops[name].flops * units for name, units in counted.items())
             outcome.flops_method = "counted by torch.utils.flop_counter on " + " + ".join(
                 f"{name}: {_units(flops[name], units)}" for name, units in counted.items()

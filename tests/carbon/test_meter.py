@@ -212,3 +212,29 @@ def test_a_stage_without_phases_records_none(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot be metered here"):
         with StageOutcome().phase("generation"):
             pass
+
+
+def test_a_phase_entered_without_work_counts_zero_flops_so_the_phases_sum(tmp_path: Path) -> None:
+    """A resumed interleaved run can enter generation with no batch left to make: 0 FLOPs there, not unknown
+    (the audit once found such a record's phases not summing to its FLOPs)."""
+    from dfkd.report.audit import _phase_checks
+    from dfkd.rundir import RunDir
+    from dfkd.stages.runner import FlopsPerUnit, StageReport, run_metered_in_phases
+
+    run = RunDir.open(tmp_path / "run")
+
+    def work(phase):  # noqa: ANN001, ANN202
+        with phase("generation"):
+            pass  # nothing left to make
+        with phase("compression"):
+            busy(0.05)
+        return StageReport(result={}, work={}, phase_units={"generation": 0, "compression": 3})
+
+    flops = {"generation": FlopsPerUnit(10.0, "image-step"), "compression": FlopsPerUnit(7.0, "KD step")}
+    carbon = CarbonConfig(grid_g_per_kwh=400)
+    run_metered_in_phases(run, "interleaved", carbon, torch.device("cpu"), {}, work, flops)
+    (record,) = read_ledger(run.ledger_path)
+    assert record["phases"]["generation"]["flops"] == 0.0 and record["phases"]["compression"]["flops"] == 21.0
+    assert record["flops"] == 21.0
+    checks = {figure: (saved, derived) for figure, saved, derived, _ in _phase_checks(record)}
+    assert checks["flops"] == (21.0, 21.0)
