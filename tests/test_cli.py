@@ -414,7 +414,7 @@ def test_import_wrong_num_classes_writes_nothing(tmp_path: Path) -> None:
     [
         (("--arch", "resnet9000"), ("unknown model 'resnet9000'",)),
         (("--arch", "tiny", "--num-classes", "1"), ("num_classes must be at least 2",)),
-        (("--arch", "tiny", "--mean", "0.5,0.5"), ("needs 3 means",)),
+        (("--arch", "tiny", "--mean", "0.5,0.5"), ("needs 3 finite means",)),
         (("--arch", "tiny", "--std", "a,b,c"), ("malformed metadata",)),
     ],
 )
