@@ -361,8 +361,9 @@ def _payback_html(run: dict[str, Any], index: int) -> str:
         else ""
     )  # fmt: skip
     caveats = "".join(f"<li>{escape(note)}</li>" for note in payback["caveats"])
+    line = payback_line(payback)
     return f"""<h3>Carbon payback (from the inference benchmark)</h3>
-<p>{escape(payback_line(payback)[:1].upper() + payback_line(payback)[1:])}.</p>
+<p>{escape(line[:1].upper() + line[1:])}.</p>
 {_table(PAYBACK_HEADERS, payback_rows(payback))}
 {f'<div class="scroll">{chart}</div>' if chart else ""}
 <ul>{caveats}</ul>"""

@@ -20,7 +20,7 @@ from dfkd.progress import make_progress
 # On the CPU a batch's activations must stay below glibc's 32 MiB mmap threshold, or every batch maps
 # fresh pages and faults them in: WRN-40-2 on the 10k CIFAR test images took 66 s at batch 1000 (half
 # of it system time, 31M page faults) and 25 s at batch 250 on 2 cores. 128 leaves room for wider models.
-_CPU_BATCH = 128
+CPU_BATCH = 128
 
 
 @torch.no_grad()
@@ -39,12 +39,12 @@ def predict_logits(
     computed in `precision` (default: bf16 where the device computes it natively).
 
     `images` is a tensor or a split, resident or streamed from disk (read through its `batches`).
-    `batch_size` defaults to 1000 on CUDA and `_CPU_BATCH` on the CPU; `done(n)` is told of every batch of
+    `batch_size` defaults to 1000 on CUDA and `CPU_BATCH` on the CPU; `done(n)` is told of every batch of
     `n` images once it is queued (a progress bar).
     """
     precision = precision or default_precision(device)
     if batch_size is None:
-        batch_size = 1000 if device.type == "cuda" else _CPU_BATCH
+        batch_size = 1000 if device.type == "cuda" else CPU_BATCH
     model.eval()
     batches = (
         (images[start : start + batch_size] for start in range(0, len(images), batch_size))

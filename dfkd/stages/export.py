@@ -34,7 +34,7 @@ from dfkd.errors import DfkdError, first_line
 from dfkd.files import atomic_path, ensure_writable, package_versions, sha256_file
 from dfkd.manifest import MANIFEST_FILE, ExportEntry
 from dfkd.rundir import STUDENT_FILE, RunDir
-from dfkd.stages.evaluate import check_classes
+from dfkd.stages.evaluate import CPU_BATCH, check_classes
 from dfkd.synthetic_set import SyntheticSet
 
 SUFFIXES: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -48,7 +48,6 @@ INPUT_CONTRACT = "float32 RGB in [0,1], NCHW"
 METADATA_FILE = "dfkd.json"  # the metadata inside a TorchScript or .pt2 archive
 CHECK_IMAGES = 16  # images the check runs without --data
 DATA_BATCH = 64  # test images the check runs with --data
-_ACCURACY_BATCH = 128  # the CPU batch of `dfkd.stages.evaluate`
 
 Predict = Callable[[Tensor], Tensor]
 
@@ -263,7 +262,7 @@ def compare(
 def _accuracy(split: AnySplit, models: dict[str, Predict]) -> dict[str, float]:
     """Top-1 accuracy in % of each of `models` on the whole of `split`, read once."""
     correct = dict.fromkeys(models, 0)
-    for images, labels in split.batches(_ACCURACY_BATCH, "cpu"):
+    for images, labels in split.batches(CPU_BATCH, "cpu"):
         batch = _unit(images)
         for name, predict in models.items():
             correct[name] += int((predict(batch).argmax(1) == labels).sum())

@@ -164,21 +164,23 @@ def last_steps(recipe: Recipe, run: RunDir, show_progress: bool) -> dict[str, An
     """`[export]` then `[inference]` on the finished student, each done once: an export of this very student
     that is still intact, or a benchmark record of this teacher and student, is not made again. They take the
     run's lock themselves, so they run after the stages have released it."""
-    student = run.root / STUDENT_FILE
     steps: dict[str, Any] = {}
+    if recipe.export is None and recipe.inference is None:
+        return steps
+    student_sha = sha256_file(run.root / STUDENT_FILE)  # once, for every step's "already done?"
     if recipe.export is not None:
         wanted: list[tuple[str, str | None]] = [(fmt, None) for fmt in recipe.export.formats]
         wanted += [("onnx", recipe.export.quantize)] if recipe.export.quantize else []
-        steps["export"] = [_export_once(recipe, run, student, fmt, quantize) for fmt, quantize in wanted]
+        steps["export"] = [_export_once(recipe, run, student_sha, fmt, quantize) for fmt, quantize in wanted]
     if recipe.inference is not None:
-        steps["inference"] = _benchmark_once(recipe, recipe.inference, run, student, show_progress)
+        steps["inference"] = _benchmark_once(recipe, recipe.inference, run, student_sha, show_progress)
     return steps
 
 
-def _export_once(recipe: Recipe, run: RunDir, student: Path, fmt: str, quantize: str | None) -> dict[str, Any]:
+def _export_once(recipe: Recipe, run: RunDir, student_sha: str, fmt: str, quantize: str | None) -> dict[str, Any]:
     path = default_out(run, fmt, quantize)
     entry = run.read_manifest().get("exports", {}).get(run.relative(path))
-    if entry is not None and entry.get("source_sha256") == sha256_file(student) and run.artifact_intact(path):
+    if entry is not None and entry.get("source_sha256") == student_sha and run.artifact_intact(path):
         return {"path": str(path), **entry}
     data = Path(recipe.evaluate.data) if recipe.evaluate.data else None
     # Exported on the CPU whatever the run's device, so a TorchScript or exported-program file loads anywhere.
@@ -186,9 +188,9 @@ def _export_once(recipe: Recipe, run: RunDir, student: Path, fmt: str, quantize:
 
 
 def _benchmark_once(
-    recipe: Recipe, section: InferenceSection, run: RunDir, student: Path, show_progress: bool
+    recipe: Recipe, section: InferenceSection, run: RunDir, student_sha: str, show_progress: bool
 ) -> dict[str, Any]:
-    teacher_sha, student_sha = sha256_file(Path(recipe.teacher.checkpoint)), sha256_file(student)
+    teacher_sha = sha256_file(Path(recipe.teacher.checkpoint))
 
     def same(record: dict[str, Any]) -> bool:
         info = record.get("info", {})
