@@ -14,6 +14,7 @@ options and the recipe keys; `settings` takes a method's own settings (`{"nz": 2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,12 +25,14 @@ from torch import nn
 
 from dfkd.carbon.config import CarbonConfig
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
+from dfkd.collective import agree, from_primary, job_lock, joined, use_local_gpu
 from dfkd.config.distill import DistillConfig
 from dfkd.config.overrides import apply_overrides
 from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, load_recipe
 from dfkd.config.synthesis import SynthesisConfig
 from dfkd.config.tau import parse_tau_range
 from dfkd.device import resolve_device
+from dfkd.distributed import current_world
 from dfkd.errors import TooCostly
 from dfkd.report.audit import audit_run
 from dfkd.report.build import build_report
@@ -97,13 +100,21 @@ def synthesize(
         },
         "synthesis setting",
     )
-    prepared = prepare_synthesis(config, iterations)
-    root = Path(run).expanduser()
-    left = prepared.num_batches if overwrite else batches_left(root, prepared)  # a rerun costs only what is left
-    _check_cpu_cost(prepared.device, cpu_limit_s, "this synthesis", lambda: synthesis_seconds(prepared, left))
-    run_dir = RunDir.open(root)
-    with run_dir.locked():
-        result, work = run_synthesis(prepared, run_dir, carbon or CarbonConfig(), overwrite, show_progress=progress)
+    use_local_gpu()  # under torchrun, before `auto` resolves
+    with joined(resolve_device(config.device)):
+        prepared = agree(lambda: prepare_synthesis(config, iterations))
+        root = Path(run).expanduser()
+        ranks = current_world().size
+
+        def check_cost() -> None:
+            # A rerun costs only what is left, and under torchrun each rank makes its share of it.
+            left = prepared.num_batches if overwrite else batches_left(root, prepared)
+            seconds = partial(synthesis_seconds, prepared, math.ceil(left / ranks))
+            _check_cpu_cost(prepared.device, cpu_limit_s, "this synthesis", seconds)
+
+        from_primary(check_cost)
+        with job_lock(root) as run_dir:
+            result, work = run_synthesis(prepared, run_dir, carbon or CarbonConfig(), overwrite, show_progress=progress)
     return {"run": str(run_dir.root), **result, "work": work}
 
 

@@ -19,7 +19,7 @@ from rich.text import Text
 from dfkd.carbon.config import CarbonConfig
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
-from dfkd.distributed import check_single_process
+from dfkd.distributed import check_single_process, current_world, enter_world, world_from_env
 from dfkd.errors import DfkdError
 from dfkd.files import ensure_writable, sha256_file
 from dfkd.models import list_models, model_spec
@@ -91,25 +91,33 @@ def _one_line(exc: BaseException) -> str | None:
     return None
 
 
+# The commands built to run as the ranks of a torchrun job; every other command refuses a world of several.
+_MULTI_PROCESS = ("synthesize_command",)
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a user's error into one line on stderr and exit code 2 (a traceback only with --debug).
 
     User errors are a `DfkdError`, a missing heavy package, and a file-system error on a named path (a full
     disk, a folder where a file belongs, no permission). Every file is written atomically, so a run resumes
-    once the cause is fixed.
+    once the cause is fixed. Under torchrun an error every rank stops on is printed once, by the rank that
+    found it.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            check_single_process()
+            enter_world(world_from_env())
+            if command.__name__ not in _MULTI_PROCESS:
+                check_single_process(f"dfkd {command.__name__.removesuffix('_command').replace('_', ' ')}")
             return command(*args, **kwargs)
         except (DfkdError, OSError, ModuleNotFoundError) as exc:
             message = _one_line(exc)
             if _state["debug"] or message is None:
                 raise
-            # Text, not markup: a message may hold brackets (a path, a TOML section) that rich would eat.
-            err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
+            if not getattr(exc, "quiet", False):
+                # Text, not markup: a message may hold brackets (a path, a TOML section) that rich would eat.
+                err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -228,7 +236,7 @@ def teacher_train(
         False, "--compile", help="torch.compile the model on CUDA (faster after a one-off compile)."
     ),
     run: Path | None = typer.Option(
-        None, "--run", help="Run dir for the ledger and manifest (default: runs/teacher-<arch>-<time>)."
+        None, "--run", "--run-dir", help="Run dir for the ledger and manifest (default: runs/teacher-<arch>-<time>)."
     ),
     device: str = DEVICE,
     pue: float = PUE,
@@ -480,7 +488,12 @@ def synthesize_command(
         None, "--iterations", help="Optimisation steps per batch (default: the method's published setting)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed: batch b is seeded with (seed, b), so a resume is exact."),
-    run: Path | None = typer.Option(None, "--run", help="Run dir (default: runs/<method>-<time>)."),
+    run: Path | None = typer.Option(
+        None,
+        "--run",
+        "--run-dir",
+        help="Run dir (default: runs/<method>-<time>); under torchrun spell it --run-dir (torchrun reads --run as its own --run-path).",
+    ),
     settings: list[str] | None = typer.Option(
         None,
         "--set",
@@ -525,6 +538,8 @@ def synthesize_command(
         yes,
         as_json,
     )
+    if not current_world().primary:  # the job's result, printed once
+        return
     quality = result["quality"]
     if as_json:
         print_json(result)
@@ -540,7 +555,9 @@ def synthesize_command(
 @app.command("distill")
 @user_errors
 def distill_command(
-    run: Path = typer.Option(..., "--run", help="Run dir holding the synthetic shards (from `dfkd synthesize`)."),
+    run: Path = typer.Option(
+        ..., "--run", "--run-dir", help="Run dir holding the synthetic shards (from `dfkd synthesize`)."
+    ),
     student: str = typer.Option("wrn16_1", "--student", help="Student architecture (see `dfkd models`)."),
     teacher: Path | None = typer.Option(
         None, "--teacher", help="Teacher checkpoint (default: the one that made the synthetic set, checked by hash)."
@@ -727,7 +744,7 @@ def _dry_run(recipe_file: Path, settings: list[str] | None, run: Path | None, as
 def run_command(
     recipe_file: Path = typer.Argument(..., help="A recipe (.toml), e.g. recipes/quickstart.toml."),
     run: Path | None = typer.Option(
-        None, "--run", help="Run dir (default: runs/<recipe>-<time>); rerun on it to resume."
+        None, "--run", "--run-dir", help="Run dir (default: runs/<recipe>-<time>); rerun on it to resume."
     ),
     settings: list[str] | None = RECIPE_SETS,
     dry_run: bool = typer.Option(
@@ -826,7 +843,7 @@ def study_tau_command(
         ..., help="A recipe (.toml); its [distill] tau is replaced by stochastic and by grid."
     ),
     run: Path | None = typer.Option(
-        None, "--run", help="Study dir holding stochastic/ and grid/ (default: runs/<recipe>-tau-<time>)."
+        None, "--run", "--run-dir", help="Study dir holding stochastic/ and grid/ (default: runs/<recipe>-tau-<time>)."
     ),
     settings: list[str] | None = RECIPE_SETS,
     as_json: bool = JSON,
@@ -856,6 +873,7 @@ def benchmark_inference_command(
     run: Path | None = typer.Option(
         None,
         "--run",
+        "--run-dir",
         help="Run dir whose ledger gets the record.",
         show_default="STUDENT's run dir, else runs/inference-<time>",
     ),

@@ -76,10 +76,11 @@ class RunDir:
             )
         return cls(root)
 
-    def lock(self) -> None:
+    def lock(self, token: str = "") -> None:
         """Take the run's exclusive lock; a second process on the same run dir is refused.
 
-        flock is released by the kernel when the holder dies, so a killed run never blocks the next.
+        flock is released by the kernel when the holder dies, so a killed run never blocks the next. The lock
+        file holds the holder's pid and `token` (a torchrun job's ranks read it back: `lock_token`).
         """
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
@@ -90,8 +91,17 @@ class RunDir:
                 f"run dir {self.root} is in use by another dfkd process: wait for it to finish or use another --run"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{token}\n".encode() if token else f"{os.getpid()}\n".encode())
+        os.fsync(fd)
         self._lock_fd = fd
+
+    def lock_token(self) -> str | None:
+        """The token the lock's holder wrote, as this process reads it (None if there is none)."""
+        try:
+            lines = (self.root / ".lock").read_text().splitlines()
+        except OSError:
+            return None
+        return lines[1] if len(lines) > 1 else None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

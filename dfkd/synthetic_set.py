@@ -5,7 +5,8 @@
                                  index, count
     state-<index>.safetensors    the producer's state after the last shard (CMI's bank and head)
     preview.png                  a class-sorted grid of the first images of each class
-Any producer (today's synthesizers, a student-aware loop) writes shards through `write_shard`, and
+Any producer (today's synthesizers, a student-aware loop) writes shards through `write_shard` (under torchrun:
+`write_shard_file` on each rank, `record_shards` on rank 0), and
 distillation reads them through `load_complete`. A shard counts only while its sha256 matches the
 manifest, and a shard and the state after it enter the manifest in one atomic write, so a resumed
 producer always continues from a state that matches its last counted shard.
@@ -93,20 +94,29 @@ class SyntheticSet:
     def write_shard(
         self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], state: dict[str, Any]
     ) -> None:
-        """Write shard `index` and the producer's `state` after it, and record both in one manifest write
-        that also forgets the state after the shard before (only the latest is kept; its file goes last)."""
-        path = self.shard_path(index)
-        digest = atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
-        state_path = self.state_path(index)
+        """Write shard `index` and the producer's `state` after it, and record both in one manifest write."""
+        self.record_shards([(index, self.write_shard_file(index, tensors, metadata))], state)
+
+    def write_shard_file(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+        """Write shard `index` atomically and return its sha256; it counts once `record_shards` records it
+        (under torchrun each rank writes its own shards, and rank 0 records them)."""
+        return atomic_write_bytes(self.shard_path(index), safetensors_bytes(tensors, metadata))
+
+    def record_shards(self, shards: list[tuple[int, str]], state: dict[str, Any]) -> None:
+        """Record written shards `(index, sha256)` and write the producer's `state` after the last of them, in
+        one manifest write that also forgets the state saved before them (only the latest is kept; its file
+        goes last)."""
+        last = max(index for index, _ in shards)
+        state_path = self.state_path(last)
         state_bytes = safetensors_bytes(state["tensors"], {"scalars": json.dumps(state["scalars"])})
         state_digest = atomic_write_bytes(state_path, state_bytes)
-        previous = (self.state_path(index - 1),) if index > 0 else ()
+        first = min(index for index, _ in shards)
+        previous = (self.state_path(first - 1),) if first > 0 else ()
+        entries = {}
+        for index, digest in shards:
+            entries.update(self.run.artifact_entry(self.shard_path(index), STAGE, "shard", digest))
         self.run.update_manifest(
-            forget=previous,
-            artifacts={
-                **self.run.artifact_entry(path, STAGE, "shard", digest),
-                **self.run.artifact_entry(state_path, STAGE, "state", state_digest),
-            },
+            forget=previous, artifacts={**entries, **self.run.artifact_entry(state_path, STAGE, "state", state_digest)}
         )
         for stale in previous:
             stale.unlink(missing_ok=True)

@@ -27,7 +27,9 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
+from dfkd.collective import mean_state
 from dfkd.device import Precision, autocast, default_precision, uses_channels_last
+from dfkd.distributed import current_world
 from synthesizers.bn_stats import BatchNormStatistics
 from synthesizers.configs import MethodConfig
 from synthesizers.memory import training_bytes_per_image
@@ -190,6 +192,19 @@ class Synthesizer(ABC):
     @abstractmethod
     def load_state_dict(self, state: SynthesizerState) -> None:
         """Restore what `state_dict()` returned."""
+
+    def merge_round(self, made: bool) -> None:
+        """Under torchrun, after a round in which every rank made at most one batch (`made`) from the same
+        state: leave every rank with the same state again. Here, each tensor of the state becomes its mean
+        over the ranks that made a batch (for a shared generator, the batched form of the Reptile update:
+        θ + ε · mean_r(θ'_r − θ)); a method whose state is not an average overrides this. A state without
+        tensors (DeepInversion) needs nothing, and a single process returns at once."""
+        if not current_world().several:
+            return
+        state = self.state_dict()
+        if not state["tensors"]:
+            return
+        self.load_state_dict({"tensors": mean_state(state["tensors"], made), "scalars": state["scalars"]})
 
 
 def adversarial_term(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -36,7 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dfkd.collective import gather_rows, mean_state
 from dfkd.device import Precision
+from dfkd.distributed import current_world
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors
 from synthesizers.base import (
     Progress,
@@ -106,6 +108,8 @@ class CMI(Synthesizer):
         self.bank = torch.zeros(config.bank_size, dim, device=self.device)
         self.bank_pointer = 0
         self.bank_count = 0
+        # The last features written, and the pointer and count before them (a torchrun round merges from there).
+        self.remembered: tuple[Tensor, int, int] | None = None
         self.local_view = crop_flip_view(image_size)
         size = (image_size, image_size)  # resampled in one warp, as crop_flip_view explains
         self.global_view = nn.Sequential(
@@ -181,11 +185,29 @@ class CMI(Synthesizer):
     def remember(self, features: Tensor) -> None:
         """Write `features` into the ring buffer, overwriting the oldest entries once it is full."""
         size = self.config.bank_size
+        self.remembered = (features, self.bank_pointer, self.bank_count)
         features = features[-size:]
         rows = (self.bank_pointer + torch.arange(features.shape[0], device=self.device)) % size
         self.bank[rows] = features
         self.bank_pointer = (self.bank_pointer + features.shape[0]) % size
         self.bank_count = min(self.bank_count + features.shape[0], size)
+
+    @torch.no_grad()
+    def merge_round(self, made: bool) -> None:
+        """Every rank's bank gets every rank's new features, in rank order (= shard order), from where the round
+        began, so the banks stay equal and hold the whole set's features; the head and its optimiser's moments
+        are averaged over the ranks that made a batch."""
+        if not current_world().several:
+            return
+        own = self.remembered if made else None
+        everyone = gather_rows(own[0].contiguous() if own else self.bank.new_zeros((0, self.bank.shape[1])))
+        if own:  # undo this rank's own write: the merged one starts where the round began
+            self.bank_pointer, self.bank_count = own[1], own[2]
+        self.remember(everyone)
+        head = {f"head.{key}": value.detach().cpu() for key, value in self.head.state_dict().items()}
+        merged = mean_state({**head, **optimizer_tensors(self.head_optimizer, "head_optimizer")}, made)
+        self.head.load_state_dict({k.removeprefix("head."): v for k, v in merged.items() if k.startswith("head.")})
+        load_optimizer_tensors(self.head_optimizer, merged, "head_optimizer")
 
     def state_dict(self) -> SynthesizerState:
         """tensors: "bank" (the filled rows, in buffer order), "head.<param>", "head_optimizer.<i>.<key>";

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dfkd.collective import all_sum
 from dfkd.device import Precision
 from dfkd.optim import load_optimizer_tensors, optimizer_tensors
 from synthesizers.base import (
@@ -129,6 +130,13 @@ class Fast(Synthesizer):
         for shared, own in zip(self.generator.parameters(), adapted.parameters()):
             shared.grad = shared.detach() - own.detach()
         self.meta_optimizer.step()
+
+    def merge_round(self, made: bool) -> None:
+        """The generator, its meta-optimiser's moments and the BN averages are averaged over the ranks that made
+        a batch (`Synthesizer.merge_round`); the count of batches seen is the round's total."""
+        before = self.batches - int(made)
+        super().merge_round(made)
+        self.batches = before + all_sum(int(made), self.device)
 
     def state_dict(self) -> SynthesizerState:
         """tensors: "generator.<name>", "meta_optimizer.<i>.<slot>", "bn_mean.<l>", "bn_var.<l>";

@@ -24,7 +24,9 @@ import torch
 from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.ledger import append_record, read_ledger
 from dfkd.carbon.sources import EnergyMeters
+from dfkd.collective import barrier, broadcast_object, gather_objects
 from dfkd.device import resolve_device
+from dfkd.distributed import current_world
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_json, package_versions, utc_now
 
@@ -89,9 +91,10 @@ def phase_section(
     return section
 
 
-def pending_path(ledger_path: Path, stage: str) -> Path:
-    """Where the running stage's energy snapshot is kept, beside the ledger."""
-    return Path(ledger_path).parent / f".pending-{re.sub(r'[^A-Za-z0-9_.-]', '_', stage)}.json"
+def pending_path(ledger_path: Path, stage: str, rank: int = 0) -> Path:
+    """Where the running stage's energy snapshot is kept, beside the ledger (one per rank under torchrun)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stage)
+    return Path(ledger_path).parent / (f".pending-{name}.json" if rank == 0 else f".pending-{name}.rank-{rank}.json")
 
 
 class _Snapshots(threading.Thread):
@@ -133,8 +136,23 @@ class _Recorder:
         self.fixed = {"stage": stage, "info": dict(info or {})}
         self.outcome = outcome
         self.versions = package_versions()
-        self.start_utc = utc_now()
+        # Under torchrun every rank's record carries rank 0's start: it names the job's record of the stage.
+        self.start_utc = broadcast_object(utc_now())
         self.started = time.perf_counter()
+        world = current_world()
+        self.rank = (
+            {
+                "rank": {
+                    "rank": world.rank,
+                    "world_size": world.size,
+                    "node": world.node,
+                    "local_rank": world.local_rank,
+                    "host": world.host,
+                }
+            }
+            if world.several
+            else {}
+        )
 
     def record(self, status: str, error: str | None, section: dict[str, Any]) -> dict[str, Any]:
         duration = time.perf_counter() - self.started
@@ -158,6 +176,7 @@ class _Recorder:
             ),
             "metering": section["metering"],
             "versions": self.versions,
+            **self.rank,
         }
 
 
@@ -174,9 +193,10 @@ def meter(
     The caller fills the yielded `StageOutcome`. An exception or Ctrl-C inside is recorded as
     `interrupted` with its type and message, then re-raised.
     """
-    pending = pending_path(ledger_path, stage)
+    world = current_world()
+    pending = pending_path(ledger_path, stage, world.rank)
     reported = threading.Event()
-    meters = EnergyMeters(carbon, resolve_device(device), reported)
+    meters = EnergyMeters(carbon, resolve_device(device), reported, host=world.meters_host)
     meters.start()
     outcome = StageOutcome(read_energy=meters.reading)
     recorder = _Recorder(stage, info, outcome)
@@ -198,31 +218,143 @@ def meter(
         section = meters.stop()
         if snapshots.error:
             section["metering"] = {"ok": False, "failures": section["metering"]["failures"] + [snapshots.error]}
-        append_record(ledger_path, recorder.record("interrupted" if error else "complete", error, section))
-        pending.unlink(missing_ok=True)
+        record = recorder.record("interrupted" if error else "complete", error, section)
+        if not world.several:
+            append_record(ledger_path, record)
+            pending.unlink(missing_ok=True)
+        else:
+            _record_job(ledger_path, pending, record, failed=error is not None)
+
+
+def _record_job(ledger_path: Path, pending: Path, record: dict[str, Any], failed: bool) -> None:
+    """Rank 0 appends the job's one record of the stage: the sum of every rank's, each rank's share listed.
+
+    After a clean stage the ranks hand their records over (a collective). After an error no rank waits for
+    the others (they may be gone): a failed rank leaves its final record as its snapshot, and rank 0
+    combines its own with the snapshots the others left; a snapshot that arrives later is only deleted by
+    `recover_pending`, since the job's record already names its start.
+    """
+    world = current_world()
+    if failed:
+        atomic_write_json(pending, record)
+        if world.primary:
+            peers = [snapshot for path, snapshot in _snapshots(ledger_path) if _same_run(snapshot, record)]
+            append_record(ledger_path, combine_ranks([record, *[p for p in peers if p["rank"]["rank"] != 0]]))
+            for path, snapshot in _snapshots(ledger_path):
+                if _same_run(snapshot, record):
+                    path.unlink(missing_ok=True)
+        return
+    records = gather_objects(record)
+    if world.primary:
+        append_record(ledger_path, combine_ranks(records))
+    barrier()  # the record is on disk before any rank drops the snapshot that would otherwise recover it
+    pending.unlink(missing_ok=True)
+
+
+def _same_run(snapshot: dict[str, Any], record: dict[str, Any]) -> bool:
+    return (snapshot.get("stage"), snapshot.get("start_utc")) == (record["stage"], record["start_utc"])
+
+
+def combine_ranks(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record of a stage from the records of a job's ranks (each carries its `rank`): every energy figure
+    is the sum over the ranks (codecarbon's CPU and RAM once per node, by its local rank 0), CO2eq follows
+    from the sum, and `distributed` lists each rank's and each node's share. A rank that left no record is
+    named in the metering failures, so a figure without it never reads as complete."""
+    records = sorted(records, key=lambda r: r["rank"]["rank"])
+    base = {key: value for key, value in records[0].items() if key != "rank"}
+    world_size = int(records[0]["rank"]["world_size"])
+
+    def summed(key: str) -> dict[str, float | None]:
+        parts = (*PARTS, "total")
+        return {p: None if any(r[key][p] is None for r in records) else sum(r[key][p] for r in records) for p in parts}
+
+    def total(key: str) -> float | None:
+        values = [r.get(key) for r in records]
+        return None if None in values else sum(values)  # type: ignore[arg-type]
+
+    failures = [f"rank {r['rank']['rank']}: {f}" for r in records for f in r["metering"]["failures"]]
+    present = {r["rank"]["rank"] for r in records}
+    failures += [
+        f"rank {rank} left no record: its energy is missing" for rank in range(world_size) if rank not in present
+    ]
+    with_pue = summed("energy_kwh_with_pue")
+    intensity = base["carbon_intensity_g_per_kwh"]
+    interrupted = next((r for r in records if r["status"] != "complete"), None)
+    nodes: dict[int, dict[str, Any]] = {}
+    for r in records:
+        node = nodes.setdefault(r["rank"]["node"], {"node": r["rank"]["node"], "host": r["rank"]["host"], "ranks": []})
+        node["ranks"].append(r["rank"]["rank"])
+    for node in nodes.values():
+        members = [r for r in records if r["rank"]["node"] == node["node"]]
+        node["energy_kwh"] = {
+            p: None if any(r["energy_kwh"][p] is None for r in members) else sum(r["energy_kwh"][p] for r in members)
+            for p in (*PARTS, "total")
+        }
+    return {
+        **base,
+        "status": interrupted["status"] if interrupted else "complete",
+        "error": interrupted["error"] if interrupted else None,
+        "end_utc": max(r["end_utc"] for r in records),
+        "energy_kwh": summed("energy_kwh"),
+        "energy_kwh_with_pue": with_pue,
+        "gpu_energy_nvml_kwh": total("gpu_energy_nvml_kwh"),
+        "gpu_energy_codecarbon_kwh": total("gpu_energy_codecarbon_kwh"),
+        "co2eq_g": None if with_pue["total"] is None else with_pue["total"] * intensity,
+        "metering": {"ok": not failures, "failures": failures},
+        "distributed": {
+            "world_size": world_size,
+            "nodes": len(nodes),
+            "ranks": [
+                {
+                    **{key: value for key, value in r["rank"].items() if key != "world_size"},
+                    "device": r["device"]["name"],
+                    "energy_kwh": r["energy_kwh"],
+                    "energy_sources": r["energy_sources"],
+                    "duration_s": r["duration_s"],
+                }
+                for r in records
+            ],
+            "node_shares": [nodes[n] for n in sorted(nodes)],
+        },
+    }
+
+
+def _snapshots(ledger_path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    snapshots = []
+    for path in Path(ledger_path).parent.glob(".pending-*.json"):
+        try:
+            snapshots.append((path, json.loads(path.read_text())))
+        except FileNotFoundError:  # a rank finishing at the same moment deleted it
+            continue
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DfkdError(f"meter snapshot {path} is unreadable ({exc}): delete it to go on") from None
+    return snapshots
 
 
 def recover_pending(ledger_path: Path) -> list[dict[str, Any]]:
     """Turn snapshots left by killed processes into `interrupted` records; returns those appended.
 
     A snapshot whose stage already has its record (killed between appending and deleting it) is
-    only deleted. Call it at the start of every stage, holding the run dir's lock.
+    only deleted. The snapshots of one torchrun job's ranks (one stage, one start) become one record,
+    their sum (`combine_ranks`). Call it at the start of every stage, holding the run dir's lock.
     """
     ledger_path = Path(ledger_path)
     recorded = {(r.get("stage"), r.get("start_utc")) for r in read_ledger(ledger_path)}
-    snapshots = []
-    for path in ledger_path.parent.glob(".pending-*.json"):
-        try:
-            snapshots.append((path, json.loads(path.read_text())))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DfkdError(f"meter snapshot {path} is unreadable ({exc}): delete it to go on") from None
+    runs: dict[tuple[Any, Any], list[tuple[Path, dict[str, Any]]]] = {}
+    for path, snapshot in _snapshots(ledger_path):
+        runs.setdefault((snapshot.get("stage"), snapshot.get("start_utc")), []).append((path, snapshot))
     appended = []
-    for path, snapshot in sorted(snapshots, key=lambda item: item[1]["start_utc"]):
-        if (snapshot["stage"], snapshot["start_utc"]) not in recorded:
-            snapshot["status"] = "interrupted"
-            snapshot["error"] = f"process killed; energy measured up to the last flush at {snapshot['end_utc']}"
-            appended.append(append_record(ledger_path, snapshot))
-        path.unlink()
+    for key, found in sorted(runs.items(), key=lambda item: item[0][1]):
+        if key not in recorded:
+            killed = f"process killed; energy measured up to the last flush at {max(s['end_utc'] for _, s in found)}"
+            snapshots = [snapshot for _, snapshot in found]
+            for snapshot in snapshots:
+                if snapshot["status"] == "running":
+                    snapshot["status"], snapshot["error"] = "interrupted", killed
+            record = combine_ranks(snapshots) if "rank" in snapshots[0] else snapshots[0]
+            appended.append(append_record(ledger_path, record))
+        for path, _ in found:
+            path.unlink(missing_ok=True)
     # A kill during a snapshot write leaves atomic_write_json's temporary file behind.
     for leftover in ledger_path.parent.glob("..pending-*.tmp"):
         leftover.unlink()

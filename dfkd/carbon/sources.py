@@ -92,11 +92,16 @@ def _ram_source(tracker: Any, data: Any, scope: str) -> str:
 class EnergyMeters:
     """One stage's meters: codecarbon for CPU and RAM, NVML for the GPU, started and stopped together.
 
-    `reported` is set after each codecarbon measurement, so snapshots can follow it.
+    `reported` is set after each codecarbon measurement, so snapshots can follow it. Without `host` (the
+    ranks of a torchrun job other than each node's local rank 0), only the GPU is metered: codecarbon
+    measures the whole machine, so one rank per node meters its CPU and RAM.
     """
 
-    def __init__(self, carbon: CarbonConfig, device: torch.device, reported: threading.Event) -> None:
+    def __init__(
+        self, carbon: CarbonConfig, device: torch.device, reported: threading.Event, host: bool = True
+    ) -> None:
         self.carbon = carbon
+        self.host = host
         self.device = device
         self.intensity, self.intensity_source = carbon_intensity(carbon)
         self.failures: list[str] = []
@@ -127,7 +132,8 @@ class EnergyMeters:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._flushed = None
-        self._tracker.flush()
+        if self._tracker is not None:
+            self._tracker.flush()
         nvml_kwh, _ = self._nvml_kwh()
         energy = self._section(self._flushed, nvml_kwh, [])["energy_kwh"]
         return {part: energy[part] for part in ("cpu", "gpu", "ram")}
@@ -142,6 +148,8 @@ class EnergyMeters:
                 self.failures.append(
                     f"NVML energy counter unavailable ({type(exc).__name__}: {exc}); the GPU figure is codecarbon's"
                 )
+        if not self.host:
+            return
         from codecarbon import OfflineEmissionsTracker
 
         options: dict[str, Any] = {}
@@ -171,7 +179,7 @@ class EnergyMeters:
     def snapshot(self) -> dict[str, Any]:
         """Energy so far: codecarbon's totals at its last measurement, the GPU counter now."""
         nvml_kwh, failures = self._nvml_kwh()
-        if self._latest is None:
+        if self._latest is None and self.host:
             failures.append("codecarbon had not reported a measurement yet")
         return self._section(self._latest, nvml_kwh, failures)
 
@@ -188,6 +196,8 @@ class EnergyMeters:
         failures += nvml_failures
         if self._nvml is not None:
             self._nvml.close()
+        if self._tracker is None:
+            return self._section(None, nvml_kwh, failures)
         self._tracker.stop()
         data = getattr(self._tracker, "final_emissions_data", None)
         if data is None:
@@ -199,8 +209,8 @@ class EnergyMeters:
 
     def _section(self, data: Any, nvml_kwh: float | None, failures: list[str]) -> dict[str, Any]:
         gpu: float | None
-        cpu = data.cpu_energy if data is not None else None
-        ram = data.ram_energy if data is not None else None
+        cpu = data.cpu_energy if data is not None else None if self.host else 0.0
+        ram = data.ram_energy if data is not None else None if self.host else 0.0
         gpu_codecarbon = data.gpu_energy if data is not None else None
         if self.device.type != "cuda":
             gpu, gpu_source = 0.0, "no GPU used"
@@ -221,7 +231,9 @@ class EnergyMeters:
             device["gpu_name"] = torch.cuda.get_device_name(self.device)
             device["gpu_count"] = torch.cuda.device_count()
         device["cpu_model"] = data.cpu_model if data is not None else None
-        if data is None:
+        if not self.host:
+            cpu_source = ram_source = "metered once for this node, by its local rank 0 (in that rank's share)"
+        elif data is None:
             cpu_source = ram_source = "not measured"
         else:
             scope = "whole machine" if data.tracking_mode == "machine" else "this process"

@@ -18,6 +18,7 @@ import torch
 from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.ledger import read_ledger
 from dfkd.carbon.meter import StageOutcome, meter, recover_pending
+from dfkd.distributed import current_world
 from dfkd.rundir import RunDir
 
 # `phase("generation")`: a context that bills what runs inside it to that phase of the stage's record.
@@ -114,14 +115,16 @@ def _metered(
     info: dict[str, Any],
     fill: Callable[[StageOutcome], StageReport],
 ) -> StageReport:
-    recover_pending(run.ledger_path)
+    primary = current_world().primary  # under torchrun, rank 0 alone writes the ledger and the manifest
+    if primary:
+        recover_pending(run.ledger_path)
     try:
         with meter(stage, run.ledger_path, carbon, device, info) as outcome:
             report = fill(outcome)
             outcome.result = report.result
             outcome.work = report.work
     finally:
-        records = read_ledger(run.ledger_path)
+        records = read_ledger(run.ledger_path) if primary else []
         if records:  # empty only when the meter failed to start (nothing was recorded, nothing ran)
             last = records[-1]
             run.update_manifest(ledger_head={"seq": last["seq"], "record_sha256": last["record_sha256"]})

@@ -23,6 +23,7 @@ from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.flops import count_flops
 from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
+from dfkd.collective import all_sum, broadcast_object, from_primary, gather_objects
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.synthesis import SynthesisConfig
 from dfkd.device import (
@@ -33,6 +34,7 @@ from dfkd.device import (
     prepare_model,
     resolve_device,
 )
+from dfkd.distributed import current_world
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, sha256_file
 from dfkd.manifest import MANIFEST_FILE, SynthesisSection, TeacherRef, synthesis_of
@@ -248,8 +250,21 @@ def write_batch(
     targets: torch.Tensor,
     config_hash: str | None = None,
 ) -> torch.Tensor:
-    """Write `batch` as shard `index` (uint8 images, targets, logits, losses; the synthesizer's state after
-    it); returns the uint8 images. A non-finite loss stops the run with the shards before it kept."""
+    """Write `batch` as shard `index` with the synthesizer's state after it, both recorded; returns the uint8
+    images. A non-finite loss stops the run with the shards before it kept."""
+    tensors, shard_meta = shard_tensors(prepared, index, batch, targets, config_hash)
+    synthetic.write_shard(index, tensors, shard_meta, synthesizer.state_dict())
+    return tensors["images"]
+
+
+def shard_tensors(
+    prepared: PreparedSynthesis,
+    index: int,
+    batch: SynthesisBatch,
+    targets: torch.Tensor,
+    config_hash: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Shard `index`'s tensors (uint8 images, targets, logits, losses) and metadata; a non-finite loss is refused."""
     images = (batch.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     tensors = {
         "images": images.cpu().contiguous(),
@@ -269,8 +284,7 @@ def write_batch(
         "index": str(index),
         "count": str(len(targets)),
     }
-    synthetic.write_shard(index, tensors, shard_meta, synthesizer.state_dict())
-    return images
+    return tensors, shard_meta
 
 
 def finished_result(run: RunDir, prepared: PreparedSynthesis, done: int) -> dict[str, Any] | None:
@@ -377,50 +391,77 @@ def write_preview(
 def synthesize_stage(
     prepared: PreparedSynthesis, run: RunDir, start_shard: int, show_progress: bool = True
 ) -> StageReport:
-    """Make the remaining shards, then the preview and the quality figures; record all in the manifest."""
+    """Make the remaining shards, then the preview and the quality figures; record all in the manifest.
+
+    Under torchrun the batches go round the ranks: in each round rank r makes batch `first + r`, seeded as a
+    single process seeds it, and writes its shard; the ranks then merge the method's state (`merge_round`:
+    nothing for DeepInversion, CMI's bank and head, the fast generator) and rank 0 records the round's
+    shards and the state after them in one manifest write. Rank 0 alone makes the preview and the figures.
+    """
     config, device = prepared.config, prepared.device
     meta = prepared.teacher_meta
+    world = current_world()
     synthesizer = build_synthesizer(prepared)
     synthetic = SyntheticSet(run)
     if start_shard:
         load_synthesizer_state(synthetic, synthesizer, start_shard - 1)
-    run.update_manifest(
-        stages={
-            "synthesis": {
-                "config": config_dict(config),
-                "method_config": config_dict(prepared.method_config),
-                "config_hash": prepared.config_hash,
-                "teacher": teacher_ref(prepared),
-                "targets": TARGETS_NOTE,
-                "device": str(device),
-                "precision": prepared.precision,
+    if world.primary:
+        run.update_manifest(
+            stages={
+                "synthesis": {
+                    "config": config_dict(config),
+                    "method_config": config_dict(prepared.method_config),
+                    "config_hash": prepared.config_hash,
+                    "teacher": teacher_ref(prepared),
+                    "targets": TARGETS_NOTE,
+                    "device": str(device),
+                    "precision": prepared.precision,
+                }
             }
-        }
-    )
+        )
     iterations = prepared.method_config.iterations
     made = 0
     started = time.perf_counter()
-    with make_progress(show_progress) as progress:
+    with make_progress(show_progress and world.primary) as progress:
         done_images = min(start_shard * config.batch_size, config.num_images)
         task = progress.add_task(f"synthesize {config.method}", total=config.num_images, completed=done_images, info="")
 
         def report_step(step: int, loss: torch.Tensor) -> None:
             seconds = max(time.perf_counter() - started, 1e-9)
-            rate = (made * iterations + step * count) / seconds
+            rate = world.size * (made * iterations + step * count) / seconds
             progress.update(
                 task,
                 info=f"step {step}/{iterations} loss {loss.item():.3f}  "
-                f"{made / seconds:,.1f} images/s  {rate:,.0f} img-steps/s",
+                f"{world.size * made / seconds:,.1f} images/s  {rate:,.0f} img-steps/s",
             )
 
-        for index in range(start_shard, prepared.num_batches):
-            count = prepared.batch_count(index)
-            torch.manual_seed(config.seed * 1_000_003 + index)
-            targets = batch_targets(index, config.batch_size, count, meta.num_classes)
-            batch = synthesizer.synthesize(targets, progress=report_step if show_progress else None)
-            write_batch(synthetic, prepared, synthesizer, index, batch, targets)
-            made += count
-            progress.update(task, advance=count)
+        for first in range(start_shard, prepared.num_batches, world.size):
+            index = first + world.rank
+            written: tuple[int, str, int] | None = None
+            if index < prepared.num_batches:
+                count = prepared.batch_count(index)
+                torch.manual_seed(config.seed * 1_000_003 + index)
+                targets = batch_targets(index, config.batch_size, count, meta.num_classes)
+                step_report = report_step if show_progress and world.primary else None
+                batch = synthesizer.synthesize(targets, progress=step_report)
+                tensors, shard_meta = shard_tensors(prepared, index, batch, targets)
+                written = (index, synthetic.write_shard_file(index, tensors, shard_meta), count)
+                made += count
+            synthesizer.merge_round(made=written is not None)
+            round_shards = [entry for entry in gather_objects(written) if entry is not None]
+            if world.primary:
+                synthetic.record_shards([(i, digest) for i, digest, _ in round_shards], synthesizer.state_dict())
+            progress.update(task, advance=sum(entry[2] for entry in round_shards))
+    made = all_sum(made, device)
+    work = {
+        "images_made": made,
+        "iterations": iterations,
+        "image_steps": made * iterations,
+        "seconds_in_loop": time.perf_counter() - started,
+        **({"world_size": world.size} if world.several else {}),
+    }
+    if not world.primary:
+        return StageReport(result={}, work=work)
     data = synthetic.load()
     preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
     quality = quality_figures(
@@ -436,17 +477,10 @@ def synthesize_stage(
     run.update_manifest(
         stages={"synthesis": {"quality": quality, "shards": len(shards), "images": len(data["images"])}}
     )
-    image_steps = made * iterations
     return StageReport(
         result={"quality": quality, "preview": run.relative(preview), "shards": len(shards)},
-        work={
-            "images_made": made,
-            "images_total": len(data["images"]),
-            "iterations": iterations,
-            "image_steps": image_steps,
-            "seconds_in_loop": time.perf_counter() - started,
-        },
-        flops_units=image_steps,
+        work={**work, "images_total": len(data["images"])},
+        flops_units=made * iterations,
     )
 
 
@@ -495,15 +529,23 @@ def run_synthesis(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stage 1 as `dfkd synthesize` and `dfkd run` do it: resume or start, metered; returns (result, work).
 
-    A finished synthesis returns its recorded result and meters nothing. The caller holds the run's lock.
+    A finished synthesis returns its recorded result and meters nothing. The caller holds the run's lock
+    (under torchrun: rank 0 holds it, and every rank calls this; rank 0 alone reads and writes the manifest).
     """
-    recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
-    start = prepare_run_dir(run, prepared, overwrite)
-    result = finished_result(run, prepared, start)
+    world = current_world()
+
+    def prepare() -> tuple[int, dict[str, Any] | None, Precision]:
+        recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
+        start = prepare_run_dir(run, prepared, overwrite)
+        result = finished_result(run, prepared, start)
+        if result is None:
+            run.update_manifest(carbon=config_dict(carbon))
+        return start, result, prepared.precision
+
+    start, result, prepared.precision = from_primary(prepare)
     if result is not None:
         return result, {"images_made": 0, "already_finished": True}
     config = prepared.config
-    run.update_manifest(carbon=config_dict(carbon))
     info = {
         "method": config.method,
         "num_images": config.num_images,
@@ -512,7 +554,8 @@ def run_synthesis(
         "config_hash": prepared.config_hash,
         "precision": prepared.precision,
     }
-    flops = FlopsPerUnit(synthesis_step_flops(prepared), "image-step")
+    # Counted by rank 0 alone, which writes the record (a CPU probe: the other ranks need not wait on it).
+    flops = FlopsPerUnit(synthesis_step_flops(prepared), "image-step") if world.primary else None
     report = run_metered(
         run,
         "synthesis",
@@ -522,4 +565,4 @@ def run_synthesis(
         lambda: synthesize_stage(prepared, run, start, show_progress=show_progress),
         flops,
     )
-    return report.result, report.work
+    return broadcast_object((report.result, report.work))  # rank 0's figures, the job's, on every rank
