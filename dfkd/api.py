@@ -32,8 +32,8 @@ from dfkd.config.recipe import EMBEDDED_TEACHER_PATH, load_recipe
 from dfkd.config.synthesis import SynthesisConfig
 from dfkd.config.tau import parse_tau_range
 from dfkd.device import resolve_device
-from dfkd.distributed import current_world
-from dfkd.errors import TooCostly
+from dfkd.distributed import current_world, world_from_env, world_of
+from dfkd.errors import DfkdError, TooCostly
 from dfkd.report.audit import audit_run
 from dfkd.report.build import build_report
 from dfkd.report.format import duration
@@ -100,13 +100,33 @@ def synthesize(
         },
         "synthesis setting",
     )
+    with world_of(world_from_env()):
+        root = Path(run).expanduser()
+        return _synthesize_in_world(config, iterations, root, carbon, overwrite, progress, cpu_limit_s)
+
+
+def _synthesize_in_world(
+    config: SynthesisConfig,
+    iterations: int | None,
+    root: Path,
+    carbon: CarbonConfig | None,
+    overwrite: bool,
+    progress: bool,
+    cpu_limit_s: float | None,
+) -> dict[str, Any]:
+    """`synthesize` in this process's world: one process, or a rank of a torchrun job (each makes its share)."""
     use_local_gpu()  # under torchrun, before `auto` resolves
     with joined(resolve_device(config.device)):
         prepared = agree(lambda: prepare_synthesis(config, iterations))
-        root = Path(run).expanduser()
         ranks = current_world().size
 
         def check_cost() -> None:
+            if prepared.num_batches < ranks:
+                raise DfkdError(
+                    f"{config.num_images} images in batches of {config.batch_size} make {prepared.num_batches} "
+                    f"batches, fewer than the job's {ranks} ranks (each makes whole batches): lower --batch-size "
+                    "or launch fewer processes"
+                )
             # A rerun costs only what is left, and under torchrun each rank makes its share of it.
             left = prepared.num_batches if overwrite else batches_left(root, prepared)
             seconds = partial(synthesis_seconds, prepared, math.ceil(left / ranks))

@@ -19,7 +19,7 @@ from rich.text import Text
 from dfkd.carbon.config import CarbonConfig
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
-from dfkd.distributed import check_single_process, current_world, enter_world, world_from_env
+from dfkd.distributed import check_single_process, current_world, world_from_env, world_of
 from dfkd.errors import DfkdError
 from dfkd.files import ensure_writable, sha256_file
 from dfkd.models import list_models, model_spec
@@ -107,10 +107,10 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            enter_world(world_from_env())
-            if command.__name__ not in _MULTI_PROCESS:
-                check_single_process(f"dfkd {command.__name__.removesuffix('_command').replace('_', ' ')}")
-            return command(*args, **kwargs)
+            with world_of(world_from_env()):
+                if command.__name__ not in _MULTI_PROCESS:
+                    check_single_process(f"dfkd {command.__name__.removesuffix('_command').replace('_', ' ')}")
+                return command(*args, **kwargs)
         except (DfkdError, OSError, ModuleNotFoundError) as exc:
             message = _one_line(exc)
             if _state["debug"] or message is None:
@@ -492,7 +492,8 @@ def synthesize_command(
         None,
         "--run",
         "--run-dir",
-        help="Run dir (default: runs/<method>-<time>); under torchrun spell it --run-dir (torchrun reads --run as its own --run-path).",
+        help="Run dir (default: runs/<method>-<time>); under torchrun spell it --run-dir "
+        "(torchrun reads --run as its own --run-path).",
     ),
     settings: list[str] | None = typer.Option(
         None,

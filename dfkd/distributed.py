@@ -3,8 +3,9 @@
 `torchrun --nproc-per-node N [--nnodes M ...] -m dfkd synthesize ...` starts N x M copies of the command and
 tells each its place through the environment: RANK and WORLD_SIZE (all processes), LOCAL_RANK and
 LOCAL_WORLD_SIZE (the processes of its node), GROUP_RANK (its node). `world_from_env` reads and checks
-them once, and `current_world()` answers "am I the primary rank?" everywhere after; a plain `dfkd ...`
-is the world of one. The collectives that ranks run together are in `dfkd.collective` (torch).
+them once, `world_of` makes that the process's world while a command runs, and `current_world()` answers
+"am I the primary rank?" everywhere in between; a plain `dfkd ...` is the world of one. The collectives
+that ranks run together are in `dfkd.collective` (torch).
 
 Only the commands that are built for it accept a world of several (`dfkd synthesize` today); every other
 command refuses at once, in one line, before anything is read or written, so N copies never each redo a
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from dfkd.errors import DfkdError
@@ -91,10 +93,15 @@ def world_from_env(env: Mapping[str, str] | None = None) -> World:
     return World(rank, size, local_rank, local_size, node, socket.gethostname())
 
 
-def enter_world(world: World) -> None:
-    """Make `world` the process's world (the CLI does it once, before a command starts)."""
+@contextmanager
+def world_of(world: World) -> Iterator[World]:
+    """Make `world` the process's world while a command runs (the CLI's commands, the Python API's callers)."""
     global _current
-    _current = world
+    before, _current = _current, world
+    try:
+        yield world
+    finally:
+        _current = before
 
 
 def current_world() -> World:

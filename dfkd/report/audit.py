@@ -133,7 +133,7 @@ def _record_problems(records: list[tuple[int, dict[str, Any]]]) -> list[str]:
             intensity = record["carbon_intensity_g_per_kwh"]
             co2 = None if with_pue["total"] is None else with_pue["total"] * intensity
             checks.append(("co2eq_g", record["co2eq_g"], co2, "energy with PUE x carbon intensity"))
-            checks += _phase_checks(record)
+            checks += _phase_checks(record) + _rank_checks(record)
         except (KeyError, TypeError, AttributeError):
             problems.append(f"carbon.jsonl line {line}: lacks the energy fields of a ledger record")
             continue
@@ -163,6 +163,23 @@ def _phase_checks(record: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
     if record.get("flops") is not None or any(value is not None for value in flops):
         summed_flops = None if None in flops else math.fsum(flops)
         checks.append(("flops", record.get("flops"), summed_flops, "the sum of its phases' FLOPs"))
+    return checks
+
+
+def _rank_checks(record: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
+    """A torchrun job's record: its ranks' shares, and its nodes' shares, each sum to its own energy, and it
+    lists as many ranks as the job had."""
+    job = record.get("distributed")
+    if job is None:
+        return []
+    checks: list[tuple[str, Any, Any, str]] = [
+        ("distributed.world_size", job["world_size"], len(job["ranks"]), "the number of ranks it lists")
+    ]
+    for shares, what in ((job["ranks"], "ranks'"), (job["node_shares"], "nodes'")):
+        for part in ENERGY_PARTS:
+            values = [share["energy_kwh"][part] for share in shares]
+            summed = None if None in values else math.fsum(values)
+            checks.append((f"energy_kwh.{part}", record["energy_kwh"][part], summed, f"the sum of its {what} {part}"))
     return checks
 
 
@@ -334,6 +351,7 @@ def audit_scope(run: Path, with_report: bool) -> list[str]:
     records = [record for _, record in _records(run / LEDGER_FILE)] if (run / LEDGER_FILE).exists() else []
     shards = sum(1 for entry in artifacts.values() if isinstance(entry, dict) and entry.get("role") == "shard")
     phased = sum(1 for record in records if record.get("phases"))
+    jobs = sum(1 for record in records if record.get("distributed"))
     scope = [
         f"{len(artifacts)} artifacts re-hashed against manifest.json (and no unlisted shards or symbolic links)",
         f"{len(records)} ledger records: hash chain, the head pinned in manifest.json, each record's energy parts, "
@@ -345,6 +363,8 @@ def audit_scope(run: Path, with_report: bool) -> list[str]:
     ]
     if phased:
         scope.insert(2, f"{phased} records metered in phases: phases sum to the record (energy, time, FLOPs)")
+    if jobs:
+        scope.insert(2, f"{jobs} records of torchrun jobs: every rank listed; ranks' and nodes' shares sum to them")
     if with_report:
         scope.append(
             "the saved report's ledger, rows, totals, phases, interrupted, artifacts and payback against the run"

@@ -143,6 +143,12 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         "work": work,
         # Only records metered in phases have parts, so other rows are as they always were.
         **({"parts": _parts(record)} if "phases" in record else {}),
+        # Likewise only a torchrun job's records say how many processes and machines spent the energy.
+        **(
+            {"ranks": record["distributed"]["world_size"], "nodes": record["distributed"]["nodes"]}
+            if "distributed" in record
+            else {}
+        ),
     }
 
 

@@ -128,6 +128,14 @@ def _tau(row: dict[str, Any]) -> str:
     return row["tau_mode"] or "-"
 
 
+def device_cell(row: dict[str, Any]) -> str:
+    """Where a record ran: the device (its model), and for a torchrun job how many ranks on how many nodes."""
+    cell = row["device"] if not row["device_model"] else f"{row['device']} ({row['device_model']})"
+    if "ranks" in row:
+        cell += f" x {row['ranks']} ranks on {row['nodes']} node{'s' if row['nodes'] != 1 else ''}"
+    return cell
+
+
 def stage_cells(row: dict[str, Any]) -> list[str]:
     """One ledger record as the cells under STAGE_HEADERS."""
     energy, with_pue = row["energy_kwh"], row["energy_kwh_with_pue"]
@@ -139,7 +147,7 @@ def stage_cells(row: dict[str, Any]) -> list[str]:
         status,
         row["method"] or "-",
         _tau(row),
-        row["device"] if not row["device_model"] else f"{row['device']} ({row['device_model']})",
+        device_cell(row),
         row["start_utc"][:19].replace("T", " "),
         duration(row["duration_s"]),
         number(energy["cpu"]),
