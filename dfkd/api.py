@@ -176,15 +176,18 @@ def distill(
         },
         "distillation setting",
     )
-    run_dir = RunDir.open(Path(run).expanduser(), create=data is not None)
 
     def check(prepared: PreparedDistill) -> None:
         images = len(prepared.data.train) + len(prepared.data.holdout)
         seconds = partial(distillation_seconds, prepared.config, prepared.teacher, prepared.teacher_meta, images)
-        _check_cpu_cost(prepared.device, cpu_limit_s, "this distillation", seconds)
+        # Under torchrun each rank trains on its part of every batch.
+        _check_cpu_cost(prepared.device, cpu_limit_s, "this distillation", lambda: seconds() / current_world().size)
 
-    with run_dir.locked():
-        summary = distill_run(config, run_dir, carbon or CarbonConfig(), overwrite, progress, check)
+    with world_of(world_from_env()):
+        use_local_gpu()  # under torchrun, before `auto` resolves
+        root = Path(run).expanduser()
+        with joined(resolve_device(config.device)), job_lock(root, create=data is not None) as run_dir:
+            summary = distill_run(config, run_dir, carbon or CarbonConfig(), overwrite, progress, check)
     return {"run": str(run_dir.root), **summary}
 
 
@@ -260,7 +263,9 @@ def run(
 ) -> dict[str, Any]:
     """A recipe end to end in `run_dir` (synthesize, distill, evaluate; or the interleaved rounds), each stage
     metered, resuming where an earlier call stopped; `overrides` are `section.key=value` strings."""
-    return run_recipe(load_recipe(Path(recipe).expanduser(), overrides), Path(run_dir).expanduser(), progress)
+    loaded = load_recipe(Path(recipe).expanduser(), overrides)
+    with world_of(world_from_env()):
+        return run_recipe(loaded, Path(run_dir).expanduser(), progress)
 
 
 def estimate(

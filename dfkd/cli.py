@@ -92,7 +92,7 @@ def _one_line(exc: BaseException) -> str | None:
 
 
 # The commands built to run as the ranks of a torchrun job; every other command refuses a world of several.
-_MULTI_PROCESS = ("synthesize_command",)
+_MULTI_PROCESS = ("synthesize_command", "distill_command", "run_command")
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,6 +121,14 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def job_default_run_dir(name: str) -> Path:
+    """`runs/<name>-<time>` for one process; a torchrun job must name its run dir (each rank's clock would
+    name its own)."""
+    if current_world().several:
+        raise DfkdError("under torchrun, name the run dir with --run-dir (each rank would pick its own default)")
+    return default_run_dir(name)
 
 
 def carbon_config(pue: float, country: str, grid: float | None) -> CarbonConfig:
@@ -519,7 +527,7 @@ def synthesize_command(
 
     result = with_cost_guard(
         lambda limit: api.synthesize(
-            run or default_run_dir(method),
+            run or job_default_run_dir(method),
             method=method,
             teacher=teacher,
             num_images=num_images,
@@ -629,6 +637,8 @@ def distill_command(
         yes,
         as_json,
     )
+    if not current_world().primary:  # the job's result, printed once
+        return
     if as_json:
         print_json(summary)
         return
@@ -762,9 +772,12 @@ def run_command(
 
     recipe = load_recipe(recipe_file, settings)
     if dry_run:
+        check_single_process("dfkd run --dry-run")
         _dry_run(recipe_file, settings, run, as_json)
         return
-    summary = api.run(recipe_file, run or default_run_dir(recipe.name), overrides=settings, progress=not as_json)
+    summary = api.run(recipe_file, run or job_default_run_dir(recipe.name), overrides=settings, progress=not as_json)
+    if not current_world().primary:  # the job's result, printed once
+        return
     if as_json:
         print_json(summary)
         return

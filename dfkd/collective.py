@@ -163,6 +163,25 @@ def all_sum(count: int, device: torch.device) -> int:
     return int(total.item())
 
 
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """`value`'s mean over the ranks (a copy), on every rank."""
+    if not current_world().several:
+        return value
+    summed = value.detach().clone()
+    dist.all_reduce(summed)
+    return summed / current_world().size
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` under DistributedDataParallel (gradients averaged over the ranks in backward), or itself in a
+    world of one. The wrapper starts from rank 0's weights and buffers."""
+    if not current_world().several:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Every rank's `rows` (any number, the same trailing shape), concatenated in rank order, on every rank."""
     if not current_world().several:
@@ -195,19 +214,19 @@ def mean_state(tensors: dict[str, torch.Tensor], made: bool) -> dict[str, torch.
 
 
 @contextmanager
-def job_lock(root: Path) -> Iterator[RunDir]:
-    """The run dir, locked for this job: rank 0 takes the lock (a second job is still refused) and writes a
-    token into it that every other rank must read back, so a run dir that is not one shared folder for every
-    rank (a path on each node's local disk) is refused before any work, in one line."""
+def job_lock(root: Path, create: bool = True) -> Iterator[RunDir]:
+    """The run dir (made with `create`), locked for this job: rank 0 takes the lock (a second job is still
+    refused) and writes a token into it that every other rank must read back, so a run dir that is not one
+    shared folder for every rank (a path on each node's local disk) is refused before any work, in one line."""
     world = current_world()
     if not world.several:
-        run = RunDir.open(root)
+        run = RunDir.open(root, create)
         with run.locked():
             yield run
         return
 
     def lock() -> str:
-        primary = RunDir.open(root)
+        primary = RunDir.open(root, create)
         primary.lock(token := secrets.token_hex(16))
         locks.append(primary)
         return token

@@ -61,7 +61,7 @@ def test_commands_not_built_for_several_processes_refuse_before_writing(
     run = tmp_path / "run"
     message = cli_fails("run", str(RECIPES_DIR / "quickstart.toml"), "--run", str(run))
     assert "dfkd run runs in one process, but dfkd was launched as rank 0 of 2" in message
-    assert "dfkd distill runs in one process" in cli_fails("distill", "--run", str(run), "--epochs", "1")
+    assert "dfkd evaluate runs in one process" in cli_fails("evaluate", str(run), str(tmp_path))
     assert "dfkd report runs in one process" in cli_fails("report", str(run))
     assert not run.exists()
 

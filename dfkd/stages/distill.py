@@ -27,6 +27,7 @@ from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.flops import supervised_step_flops
 from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
+from dfkd.collective import agree, data_parallel, from_primary
 from dfkd.config.distill import DistillConfig
 from dfkd.config.overrides import config_dict
 from dfkd.config.tau import TauSpec
@@ -40,6 +41,7 @@ from dfkd.device import (
     resolve_device,
     seed_everything,
 )
+from dfkd.distributed import current_world
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, atomic_write_bytes, sha256_file, utc_now
 from dfkd.losses import get_loss
@@ -441,8 +443,14 @@ def kd_batch_loss(
 
 
 def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progress: bool = True) -> StageReport:
-    """Train one student (one τ setting) to the end, resuming from its last completed epoch."""
+    """Train one student (one τ setting) to the end, resuming from its last completed epoch.
+
+    Under torchrun every rank trains the same student under DistributedDataParallel on its part of every
+    batch (`train_step`'s shard), with the same data order, augmentation and τ stream; rank 0 alone saves
+    the resume states and the student and measures its figures.
+    """
     config, device, meta, data = prepared.config, prepared.device, prepared.teacher_meta, prepared.data
+    world = current_world()
     folder = trial_dir(run, trial)
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -453,7 +461,7 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
     )
     sampler = _sampler_for(prepared, trial)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    resume_path = resume_state(run, folder)
+    resume_path = from_primary(lambda: resume_state(run, folder))
     start_epoch, log = 0, list[dict[str, Any]]()
     if resume_path is not None:
         start_epoch, log = load_resume(
@@ -461,8 +469,9 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         )
     teacher = compiled(prepared.teacher, config.compile, device)
     drawn: list[float | torch.Tensor] = []
+    trained = data_parallel(student, device)
     batch_loss = kd_batch_loss(
-        config, teacher, compiled(student, config.compile, device), sampler, drawn, data.real_labels
+        config, teacher, compiled(trained, config.compile, device), sampler, drawn, data.real_labels
     )
 
     def after_epoch(stats: EpochStats) -> None:
@@ -476,6 +485,9 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
             "utc": utc_now(),
         }
         drawn.clear()
+        if not world.primary:
+            log.append(entry)
+            return
         if config.eval_every and stats.epoch % config.eval_every == 0 and stats.epoch < config.epochs:
             entry.update(
                 {k: v for k, v in _evaluation_figures(prepared, student, with_test=True).items() if k != "test_metrics"}
@@ -523,9 +535,25 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
         precision=prepared.precision,
         after_epoch=after_epoch,
         description=f"distill {config.student} {trial}",
-        show_progress=show_progress,
+        show_progress=show_progress and world.primary,
         batch_info=last_tau,
+        shard=(world.rank, world.size),
     )
+    images_seen = (config.epochs - start_epoch) * steps_per_epoch * config.batch_size
+    work = {
+        "epochs": config.epochs,
+        "resumed_from_epoch": start_epoch,
+        "images": images_seen,
+        "images_per_s": log[-1]["images_per_s"] if log else None,
+        **({"world_size": world.size} if world.several else {}),
+    }
+    result = from_primary(lambda: save_trial_student(prepared, run, trial, student))
+    return StageReport(result=result, work=work, flops_units=images_seen)
+
+
+def save_trial_student(prepared: PreparedDistill, run: RunDir, trial: str, student: torch.nn.Module) -> dict[str, Any]:
+    """The trained student's figures, and its checkpoint saved and recorded; returns the trial's result."""
+    config, meta, data = prepared.config, prepared.teacher_meta, prepared.data
     figures = _evaluation_figures(prepared, student, with_test=True)
     if "test_acc" in figures:
         figures["test_data"] = resolved_data(config.eval_data)
@@ -545,20 +573,10 @@ def distill_trial(prepared: PreparedDistill, run: RunDir, trial: str, show_progr
             "source": "real data" if data.real_labels else "synthetic",
         },
     )
-    student_path = folder / "student.safetensors"
+    student_path = trial_dir(run, trial) / "student.safetensors"
     digest = save_checkpoint(student_path, student, student_meta)
     run.record_artifact(student_path, "distillation", role="student", sha256=digest)
-    images_seen = (config.epochs - start_epoch) * steps_per_epoch * config.batch_size
-    return StageReport(
-        result={"trial": trial, **figures, "student": run.relative(student_path)},
-        work={
-            "epochs": config.epochs,
-            "resumed_from_epoch": start_epoch,
-            "images": images_seen,
-            "images_per_s": log[-1]["images_per_s"] if log else None,
-        },
-        flops_units=images_seen,
-    )
+    return {"trial": trial, **figures, "student": run.relative(student_path)}
 
 
 def trial_done(prepared: PreparedDistill, run: RunDir, trial: str) -> dict[str, Any] | None:
@@ -596,7 +614,8 @@ def select_winner(prepared: PreparedDistill, run: RunDir, results: dict[str, dic
     criterion = selection_criterion(prepared)
     scores = {trial: result[criterion] for trial, result in results.items()}
     winner = max(scores, key=lambda t: (scores[t], -prepared.trials.index(t)))
-    publish_student(run, winner)
+    if current_world().primary:
+        publish_student(run, winner)
     return StageReport(
         result={"criterion": criterion, "scores": scores, "winner": winner, **results[winner]},
         work={"trials": len(results)},
@@ -666,16 +685,24 @@ def run_distillation(
     `metered(stage_name, info, work)` is the caller's wrapper around `dfkd.stages.runner.run_metered`.
     """
     config = prepared.config
-    record_config(prepared, run)
-    finished = finished_result(run)
+    primary = current_world().primary  # under torchrun rank 0 alone reads and writes the manifest
+
+    def recorded() -> tuple[dict[str, Any] | None, dict[str, dict[str, Any] | None]]:
+        record_config(prepared, run)
+        finished = finished_result(run)
+        if finished is not None:
+            return finished, {}
+        done = {trial: trial_done(prepared, run, trial) for trial in prepared.trials}
+        for trial in prepared.trials:
+            if done[trial] is None:  # every damaged state is refused before the first trial's meter starts
+                resume_state(run, trial_dir(run, trial))
+        return None, done
+
+    finished, done = from_primary(recorded)
     if finished is not None:
         return finished
     results: dict[str, dict[str, Any]] = {}
     grid = config.tau_spec.mode == "grid"
-    done = {trial: trial_done(prepared, run, trial) for trial in prepared.trials}
-    for trial in prepared.trials:
-        if done[trial] is None:  # every damaged state is refused before the first trial's meter starts
-            resume_state(run, trial_dir(run, trial))
     for trial in prepared.trials:
         finished_trial = done[trial]
         if finished_trial is not None:
@@ -693,23 +720,26 @@ def run_distillation(
         }
         report = metered(stage, info, partial(distill_trial, prepared, run, trial, show_progress))
         results[trial] = report.result
-        record_trial(run, trial, report.result)
+        if primary:
+            record_trial(run, trial, report.result)
     if grid:
         selection = metered(
             "selection", {"criterion": selection_criterion(prepared)}, lambda: select_winner(prepared, run, results)
         )
         summary = selection.result
     else:
-        publish_student(run, prepared.trials[0])
+        if primary:
+            publish_student(run, prepared.trials[0])
         summary = results[prepared.trials[0]]
-    run.update_manifest(
-        stages={
-            "distillation": {
-                "result": {k: v for k, v in summary.items() if k != "test_metrics"},
-                "finished_utc": utc_now(),
+    if primary:
+        run.update_manifest(
+            stages={
+                "distillation": {
+                    "result": {k: v for k, v in summary.items() if k != "test_metrics"},
+                    "finished_utc": utc_now(),
+                }
             }
-        }
-    )
+        )
     return summary
 
 
@@ -724,15 +754,25 @@ def distill_run(
     """Stage 2 as `dfkd distill` and `dfkd run` do it: every trial metered, resumed where it stopped.
 
     `check(prepared)` runs once everything is validated and loaded, before anything is written (a cost
-    guard). The caller holds the run's lock.
+    guard). The caller holds the run's lock (under torchrun: rank 0 holds it, and every rank calls this).
     """
-    prepared = prepare_distill(config, run, fresh=overwrite)
-    if check is not None and (overwrite or finished_result(run) is None):
-        check(prepared)
-    recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
-    if overwrite:  # only once the new settings are known to work, so bad input loses nothing
-        run.discard("distillation")
-    run.update_manifest(carbon=config_dict(carbon))
+    world = current_world()
+    if config.batch_size % world.size:
+        raise DfkdError(
+            f"a distillation batch of {config.batch_size} does not split evenly over {world.size} ranks (each trains "
+            f"on its part of every batch): use a --batch-size that {world.size} divides"
+        )
+    prepared = agree(lambda: prepare_distill(config, run, fresh=overwrite))
+
+    def setup() -> None:
+        if check is not None and (overwrite or finished_result(run) is None):
+            check(prepared)
+        recover_pending(run.ledger_path)  # a killed attempt's energy is recorded before any shortcut
+        if overwrite:  # only once the new settings are known to work, so bad input loses nothing
+            run.discard("distillation")
+        run.update_manifest(carbon=config_dict(carbon))
+
+    from_primary(setup)
     meta = prepared.teacher_meta
 
     @cache
@@ -743,7 +783,8 @@ def distill_run(
         return FlopsPerUnit(flops, "training image")
 
     def metered(stage: str, info: dict[str, Any], work: Callable[[], StageReport]) -> StageReport:
-        flops = None if stage == "selection" else flops_per_image()
+        # Rank 0 writes the record, so it alone counts (the others need not wait on the CPU probe).
+        flops = None if stage == "selection" or not world.primary else flops_per_image()
         return run_metered(run, stage, carbon, prepared.device, info, work, flops)
 
     return run_distillation(prepared, run, metered, show_progress=show_progress)

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from dfkd.checkpoints import read_meta
+from dfkd.collective import agree, from_primary, job_lock, joined, use_local_gpu
 from dfkd.config.deploy import InferenceSection
 from dfkd.config.recipe import Recipe
 from dfkd.data import Split, check_data_path, split_classes
 from dfkd.device import resolve_device
+from dfkd.distributed import SINGLE, check_single_process, current_world, world_of
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, atomic_write_json, sha256_file
 from dfkd.manifest import distillation_of, synthesis_of
@@ -133,31 +135,39 @@ def record_recipe(run: RunDir, recipe: Recipe) -> None:
 
 def run_recipe(recipe: Recipe, root: Path, show_progress: bool = True) -> dict[str, Any]:
     """Synthesize, distil (and evaluate) in `root`, resuming where an earlier attempt stopped: two stages,
-    or the rounds of the interleaved mode as one stage."""
+    or the rounds of the interleaved mode as one stage.
+
+    Under torchrun (two stages only) every rank takes part in both stages; rank 0 alone checks and records the
+    recipe, evaluates, exports and benchmarks, and returns the run's whole result (the others, their stages').
+    """
+    world = current_world()
     check_inputs(recipe)
     if recipe.interleaved:
+        check_single_process('the interleaved mode (mode = "interleaved")')
         return _run_interleaved(recipe, root, show_progress)
-    prepared = prepare_synthesis(recipe.synthesis)
-    run = RunDir.open(root)
-    with run.locked():
-        # Every refusal comes before the first write: a refused run leaves the run dir as it was.
-        check_same_recipe(run, recipe)
-        check_same_synthesis(run, prepared.config_hash)
-        source = student_source(recipe.distill, prepared.config_hash, prepared.teacher_sha256)
-        recorded = distillation_of(run.read_manifest())
-        check_same_distillation(run, recorded_identity(recipe.distill, source, recorded)[0])
-        record_recipe(run, recipe)
-        synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
-        distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)
-        distillation = _with_evaluation(recipe, run, distillation, prepared.device)
-    return {
-        "run": str(run.root),
-        "synthesis": synthesis,
-        "synthesis_work": work,
-        "distillation": distillation,
-        **last_steps(recipe, run, show_progress),
-        "carbon": carbon_summary(run.root),
-    }
+    use_local_gpu()  # under torchrun, before `auto` resolves
+    with joined(resolve_device(recipe.synthesis.device)):
+        prepared = agree(lambda: prepare_synthesis(recipe.synthesis))
+        with job_lock(root) as run:
+
+            def check_and_record() -> None:
+                # Every refusal comes before the first write: a refused run leaves the run dir as it was.
+                check_same_recipe(run, recipe)
+                check_same_synthesis(run, prepared.config_hash)
+                source = student_source(recipe.distill, prepared.config_hash, prepared.teacher_sha256)
+                recorded = distillation_of(run.read_manifest())
+                check_same_distillation(run, recorded_identity(recipe.distill, source, recorded)[0])
+                record_recipe(run, recipe)
+
+            from_primary(check_and_record)
+            synthesis, work = run_synthesis(prepared, run, recipe.carbon, show_progress=show_progress)
+            distillation = distill_run(recipe.distill, run, recipe.carbon, show_progress=show_progress)
+            distillation = from_primary(lambda: _with_evaluation(recipe, run, distillation, prepared.device))
+    stages = {"run": str(run.root), "synthesis": synthesis, "synthesis_work": work, "distillation": distillation}
+    if not world.primary:
+        return stages
+    with world_of(SINGLE):  # the steps on the finished student are rank 0's alone, once the others are done
+        return {**stages, **last_steps(recipe, run, show_progress), "carbon": carbon_summary(run.root)}
 
 
 def last_steps(recipe: Recipe, run: RunDir, show_progress: bool) -> dict[str, Any]:

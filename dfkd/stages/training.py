@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd.collective import mean_over_ranks
 from dfkd.data import iterate_batches, normalize, random_crop_flip
 from dfkd.device import Precision, autocast, uses_channels_last
 from dfkd.errors import DfkdError
@@ -52,13 +53,21 @@ def train_step(
     std: tuple[float, ...],
     generator: torch.Generator | None,
     precision: Precision,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """One optimiser step on `images[indices]` (uint8, on the device), augmented and normalised there;
-    returns the loss as an fp32 device scalar (read it when convenient: reading it is a host sync)."""
+    returns the loss as an fp32 device scalar (read it when convenient: reading it is a host sync).
+
+    With `shard` = (rank, ranks) under DistributedDataParallel, every rank draws the whole batch and its
+    augmentation from the same generator, so the generators stay in step, and trains on its rows
+    rank, rank + ranks, ...; the gradients DDP averages are then those of the whole batch.
+    """
     device = images.device
-    batch = normalize(
-        random_crop_flip(images[indices], generator=generator), mean, std, uses_channels_last(device, precision)
-    )
+    augmented = random_crop_flip(images[indices], generator=generator)
+    rank, ranks = shard
+    if ranks > 1:
+        augmented, indices = augmented[rank::ranks], indices[rank::ranks]
+    batch = normalize(augmented, mean, std, uses_channels_last(device, precision))
     with autocast(device, precision):
         loss = batch_loss(batch, labels[indices], indices)
     optimizer.zero_grad(set_to_none=True)
@@ -96,11 +105,13 @@ def train_epochs(
     description: str,
     show_progress: bool = True,
     batch_info: Callable[[], str] = lambda: "",
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
     """Train `model` for epochs `start_epoch+1 .. epochs`, calling `after_epoch` after each.
 
     `images` (uint8) and `labels` must already be on the training device. `batch_info` adds text
-    to the progress bar (e.g. the last tau) without touching device tensors.
+    to the progress bar (e.g. the last tau) without touching device tensors. `shard`: this rank's part of
+    each batch under DDP (`train_step`); the epoch's loss is then the mean over the ranks.
     """
     device = images.device
     steps_per_epoch = len(images) // batch_size
@@ -114,9 +125,9 @@ def train_epochs(
             loss_sum = torch.zeros((), device=device)
             for indices in iterate_batches(len(images), batch_size, device, generator=generator):
                 loss_sum += train_step(
-                    optimizer, scheduler, images, labels, indices, batch_loss, mean, std, generator, precision
+                    optimizer, scheduler, images, labels, indices, batch_loss, mean, std, generator, precision, shard
                 )
-            mean_loss = (loss_sum / steps_per_epoch).item()
+            mean_loss = (mean_over_ranks(loss_sum) / steps_per_epoch).item()
             check_loss(mean_loss, f"epoch {epoch}", "epoch")
             stats = EpochStats(
                 epoch=epoch,
