@@ -19,7 +19,7 @@ from rich.text import Text
 from dfkd.carbon.config import CarbonConfig
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.recipe import EMBEDDED_TEACHER_PATH
-from dfkd.distributed import check_single_process, current_world, world_from_env, world_of
+from dfkd.distributed import check_single_process, current_world, job_error, world_from_env, world_of
 from dfkd.errors import DfkdError
 from dfkd.files import ensure_writable, sha256_file
 from dfkd.models import list_models, model_spec
@@ -127,7 +127,7 @@ def job_default_run_dir(name: str) -> Path:
     """`runs/<name>-<time>` for one process; a torchrun job must name its run dir (each rank's clock would
     name its own)."""
     if current_world().several:
-        raise DfkdError("under torchrun, name the run dir with --run-dir (each rank would pick its own default)")
+        raise job_error("under torchrun, name the run dir with --run-dir (each rank would pick its own default)")
     return default_run_dir(name)
 
 

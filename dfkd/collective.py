@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from dfkd.distributed import current_world
+from dfkd.distributed import RankError, current_world
 from dfkd.errors import DfkdError
 from dfkd.rundir import RunDir
 
@@ -29,14 +29,6 @@ T = TypeVar("T")
 # Long enough for rank 0's preview and quality figures while the others wait; a dead rank still ends the job
 # (torchrun stops the others when one exits).
 TIMEOUT = _dt.timedelta(minutes=30)
-
-
-class RankError(DfkdError):
-    """An error every rank stops on; `quiet` on the ranks that did not find it (the job prints it once)."""
-
-    def __init__(self, message: str, quiet: bool) -> None:
-        super().__init__(message)
-        self.quiet = quiet
 
 
 def use_local_gpu() -> None:

@@ -57,6 +57,19 @@ class World:
         return f"rank {self.rank} of {self.size} (node {self.node}, {self.host or 'this host'})"
 
 
+class RankError(DfkdError):
+    """An error every rank stops on; `quiet` on the ranks that print nothing (the job prints it once)."""
+
+    def __init__(self, message: str, quiet: bool) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def job_error(message: str) -> RankError:
+    """An error that every rank of the job finds alike (a setting, not a rank's own trouble): rank 0 says it."""
+    return RankError(message, quiet=not current_world().primary)
+
+
 SINGLE = World(host=socket.gethostname())
 _current = SINGLE
 
@@ -112,7 +125,7 @@ def check_single_process(what: str) -> None:
     """Refuse `what` in a world of several processes: it is built for one."""
     world = current_world()
     if world.several:
-        raise DfkdError(
+        raise job_error(
             f"{what} runs in one process, but dfkd was launched as {world.label()} (WORLD_SIZE={world.size}, "
             "e.g. by torchrun): run it without torchrun (one GPU: --device cuda:N); under torchrun, dfkd synthesize "
             "shards its batches across the ranks"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,9 +60,10 @@ def test_commands_not_built_for_several_processes_refuse_before_writing(
     for key, value in TORCHRUN_ENV.items():
         monkeypatch.setenv(key, value)
     run = tmp_path / "run"
-    message = cli_fails("run", str(RECIPES_DIR / "quickstart.toml"), "--run", str(run))
-    assert "dfkd run runs in one process, but dfkd was launched as rank 0 of 2" in message
-    assert "dfkd evaluate runs in one process" in cli_fails("evaluate", str(run), str(tmp_path))
+    message = cli_fails("run", str(RECIPES_DIR / "quickstart.toml"), "--run", str(run), "--dry-run")
+    assert "dfkd run --dry-run runs in one process, but dfkd was launched as rank 0 of 2" in message
+    assert "dfkd evaluate runs in one process" in cli_fails("evaluate", str(run), "--data", str(tmp_path))
+    assert "dfkd export runs in one process" in cli_fails("export", str(run), "--format", "onnx")
     assert "dfkd report runs in one process" in cli_fails("report", str(run))
     assert not run.exists()
 
@@ -317,3 +319,74 @@ def test_two_nodes_on_loopback_and_a_run_dir_one_node_cannot_see(tmp_path: Path,
     errors = [line for r in refused for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "is not the one rank 0 locked" in errors[0] and "rank 1:" in errors[0], errors
     assert not list((tmp_path / "local").glob("synthetic")), "nothing made"
+
+
+def _distill_args(epochs: int) -> list[str]:
+    return ["distill", "--student", "tiny", "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.4", "--device",
+            "cpu", "--json", "--grid-intensity", "400"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ddp_distillation_resumes_after_a_rank_is_killed_and_matches_one_process(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    made = _launch(_torchrun(*_synthesize_args(tiny_teacher, "deepinversion", 64), "--run-dir", "two"), tmp_path)
+    assert made.returncode == 0, made.stderr
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    # a batch the ranks cannot split evenly is refused, once, before any training
+    odd = _launch(_torchrun(*_distill_args(2)[:-2], "--batch-size", "7", "--run-dir", "two"), tmp_path)
+    errors = [line for line in odd.stderr.splitlines() if line.startswith("error:")]
+    assert odd.returncode != 0 and len(errors) == 1 and "does not split evenly over 2 ranks" in errors[0], odd.stderr
+    run = tmp_path / "two"
+    job = subprocess.Popen(
+        _torchrun(*_distill_args(300), "--run-dir", str(run)), cwd=tmp_path, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    folder = run / "student" / "tau=stochastic"
+    deadline = time.monotonic() + 120
+    while not list(folder.glob("resume-e*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = _rank_pid(job.pid, 1)
+    assert pid is not None, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    assert job.wait(timeout=120) != 0
+    # the job restarted (as torchrun's elastic restart would): it resumes from rank 0's last saved epoch
+    resumed = _launch(_torchrun(*_distill_args(300), "--run-dir", str(run)), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    records = read_ledger(run / "carbon.jsonl")
+    distillation = [r for r in records if r["stage"] == "distillation"]
+    assert [r["status"] for r in distillation] == ["interrupted", "complete"]
+    assert all(r["distributed"]["world_size"] == 2 for r in distillation)
+    assert distillation[1]["work"]["resumed_from_epoch"] > 0
+    assert audit_run(run) == []
+    # the same student as one process, within noise: rank BN statistics and sum order differ, nothing else
+    single = _single(*_distill_args(300), "--run", str(tmp_path / "one"), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    losses = [
+        [json.loads(line)["loss"] for line in (root / "student" / "tau=stochastic" / "metrics.jsonl").open()]
+        for root in (run, tmp_path / "one")
+    ]
+    assert len(losses[0]) == len(losses[1]) == 300
+    assert losses[0][-1] == pytest.approx(losses[1][-1], rel=0.05)
+    from dfkd.checkpoints import load_checkpoint
+
+    student, meta = load_checkpoint(run / "student" / "student.safetensors")
+    assert meta.arch == "tiny"
+
+
+@pytest.mark.slow
+def test_a_recipe_runs_end_to_end_under_torchrun(tmp_path: Path, tiny_recipe_sets: list[str]) -> None:
+    result = _launch(
+        _torchrun("run", str(RECIPES_DIR / "quickstart.toml"), "--run-dir", "job", *tiny_recipe_sets, "--json"),
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["carbon"]["fully_metered"] and summary["export"] and summary["inference"]
+    records = read_ledger(tmp_path / "job" / "carbon.jsonl")
+    assert [(r["stage"], "distributed" in r) for r in records][:2] == [("synthesis", True), ("distillation", True)]
+    assert audit_run(tmp_path / "job") == []
+    interleaved = _launch(
+        _torchrun("run", str(RECIPES_DIR / "c10_wrn40_2-wrn16_1_fast.toml"), "--run-dir", "rounds"), tmp_path
+    )
+    assert "the interleaved mode" in interleaved.stderr and "runs in one process" in interleaved.stderr

@@ -41,7 +41,7 @@ from dfkd.device import (
     resolve_device,
     seed_everything,
 )
-from dfkd.distributed import current_world
+from dfkd.distributed import current_world, job_error
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_path, atomic_write_bytes, sha256_file, utc_now
 from dfkd.losses import get_loss
@@ -758,7 +758,7 @@ def distill_run(
     """
     world = current_world()
     if config.batch_size % world.size:
-        raise DfkdError(
+        raise job_error(
             f"a distillation batch of {config.batch_size} does not split evenly over {world.size} ranks (each trains "
             f"on its part of every batch): use a --batch-size that {world.size} divides"
         )
