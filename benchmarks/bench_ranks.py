@@ -39,6 +39,7 @@ def _job(ranks: int, args: list[str], cwd: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
                str(_free_port()), "-m", "dfkd", *args]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # what torchrun gives each of several ranks; the 1-rank row alike
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{ranks} ranks failed:\n{result.stderr[-3000:]}")
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['distillation_kwh']:.3g}",
         )
     Console().print(table)
-    write_results(args.out, torch.device(args.device.split(":")[0]), argv, rows, **vars(args))
+    inputs = {key: value for key, value in vars(args).items() if key not in ("out", "device")}
+    write_results(args.out, torch.device(args.device.split(":")[0]), argv, rows, device_spec=args.device, **inputs)
 
 
 if __name__ == "__main__":
