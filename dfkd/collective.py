@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from dfkd.distributed import RankError, current_world
+from dfkd.distributed import SINGLE, RankError, current_world, world_of
 from dfkd.errors import DfkdError
 from dfkd.rundir import RunDir
 
@@ -104,7 +104,8 @@ def _first_error(error: str | None) -> tuple[int, str] | None:
 
 
 def from_primary(work: Callable[[], T]) -> T:
-    """`work()` on rank 0 alone (what writes the run dir); its result, or its error, reaches every rank."""
+    """`work()` on rank 0 alone (what writes the run dir), run as a world of one; its result, or its error,
+    reaches every rank."""
     world = current_world()
     if not world.several:
         return work()
@@ -112,7 +113,8 @@ def from_primary(work: Callable[[], T]) -> T:
     error: str | None = None
     if world.primary:
         try:
-            box[0] = work()
+            with world_of(SINGLE):  # rank 0 alone: a stage it meters meanwhile is its own (no collectives)
+                box[0] = work()
         except DfkdError as exc:
             error = str(exc)
     outcome: list[Any] = [(error, box[0])]

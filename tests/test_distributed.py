@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_fails
+from conftest import cli_fails, image_folder
 from safetensors import safe_open
 
 from dfkd.carbon.ledger import read_ledger, verify_ledger
@@ -376,13 +376,14 @@ def test_ddp_distillation_resumes_after_a_rank_is_killed_and_matches_one_process
 
 @pytest.mark.slow
 def test_a_recipe_runs_end_to_end_under_torchrun(tmp_path: Path, tiny_recipe_sets: list[str]) -> None:
-    result = _launch(
-        _torchrun("run", str(RECIPES_DIR / "quickstart.toml"), "--run-dir", "job", *tiny_recipe_sets, "--json"),
-        tmp_path,
-    )
+    quickstart = str(RECIPES_DIR / "quickstart.toml")
+    data = image_folder(tmp_path / "data", classes=10)
+    sets = [*tiny_recipe_sets, "--set", f"evaluate.data={data}"]
+    result = _launch(_torchrun("run", quickstart, "--run-dir", "job", *sets, "--json"), tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["carbon"]["fully_metered"] and summary["export"] and summary["inference"]
+    assert "test_acc" in summary["distillation"], "evaluated by rank 0 while the others wait"
     records = read_ledger(tmp_path / "job" / "carbon.jsonl")
     assert [(r["stage"], "distributed" in r) for r in records][:2] == [("synthesis", True), ("distillation", True)]
     assert audit_run(tmp_path / "job") == []
