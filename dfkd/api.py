@@ -180,10 +180,11 @@ def distill(
     def check(prepared: PreparedDistill) -> None:
         images = len(prepared.data.train) + len(prepared.data.holdout)
         seconds = partial(distillation_seconds, prepared.config, prepared.teacher, prepared.teacher_meta, images)
-        # Under torchrun each rank trains on its part of every batch.
-        _check_cpu_cost(prepared.device, cpu_limit_s, "this distillation", lambda: seconds() / current_world().size)
+        # Under torchrun each rank trains on its part of every batch (this runs on rank 0 alone: `ranks` is the job's).
+        _check_cpu_cost(prepared.device, cpu_limit_s, "this distillation", lambda: seconds() / ranks)
 
     with world_of(world_from_env()):
+        ranks = current_world().size
         use_local_gpu()  # under torchrun, before `auto` resolves
         root = Path(run).expanduser()
         with joined(resolve_device(config.device)), job_lock(root, create=data is not None) as run_dir:

@@ -31,16 +31,24 @@ T = TypeVar("T")
 TIMEOUT = _dt.timedelta(minutes=30)
 
 
+def local_gpu() -> int:
+    """This rank's GPU: number LOCAL_RANK of its node's, or the only one it sees (a scheduler that binds one
+    GPU to each task, as SLURM's --gpus-per-task does)."""
+    world, count = current_world(), torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if world.local_rank >= count:
+        raise DfkdError(
+            f"{world.label()} needs GPU {world.local_rank}, but this node has {count}: "
+            "launch at most one process per GPU (torchrun --nproc-per-node)"
+        )
+    return world.local_rank
+
+
 def use_local_gpu() -> None:
-    """Give each rank its node's GPU number LOCAL_RANK, so `--device auto` or `cuda` resolves to it."""
-    world = current_world()
-    if world.several and torch.cuda.is_available():
-        if world.local_rank >= torch.cuda.device_count():
-            raise DfkdError(
-                f"{world.label()} needs GPU {world.local_rank}, but this node has {torch.cuda.device_count()}: "
-                "launch at most one process per GPU (torchrun --nproc-per-node)"
-            )
-        torch.cuda.set_device(world.local_rank)
+    """Make this rank's GPU (`local_gpu`) the current one, so `--device auto` or `cuda` resolves to it."""
+    if current_world().several and torch.cuda.is_available():
+        torch.cuda.set_device(local_gpu())
 
 
 def join(device: torch.device) -> None:
@@ -48,9 +56,9 @@ def join(device: torch.device) -> None:
     world = current_world()
     if not world.several or dist.is_initialized():
         return
-    if device.type == "cuda" and device.index != world.local_rank:
+    if device.type == "cuda" and device.index != local_gpu():
         raise DfkdError(
-            f"{world.label()} runs on cuda:{world.local_rank} (its LOCAL_RANK), not {device}: drop --device "
+            f"{world.label()} runs on cuda:{local_gpu()} (its LOCAL_RANK), not {device}: drop --device "
             "or pass --device cuda under torchrun"
         )
     if device.type == "cuda":
@@ -61,12 +69,15 @@ def join(device: torch.device) -> None:
 
 @contextmanager
 def joined(device: torch.device) -> Iterator[None]:
-    """`join` for the duration of a command; the process group ends with it."""
+    """`join` for the duration of a command; the process group ends with it (one the caller started, as a
+    script of its own under torchrun may, is left as it was)."""
+    started = not dist.is_initialized()
     join(device)
     try:
         yield
     finally:
-        leave()
+        if started:
+            leave()
 
 
 def leave() -> None:

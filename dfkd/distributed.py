@@ -88,7 +88,7 @@ def _integer(env: Mapping[str, str], name: str, default: str | None = None) -> i
 def world_from_env(env: Mapping[str, str] | None = None) -> World:
     """The world the launcher's variables describe (the world of one when WORLD_SIZE is unset or 1), checked."""
     env = os.environ if env is None else env
-    size = _integer(env, "WORLD_SIZE", "1")
+    size = _integer(env, "WORLD_SIZE", "1") if (env.get("WORLD_SIZE") or "").strip() else 1
     if size < 1:
         raise DfkdError(f"WORLD_SIZE={size} is not a number of processes: unset it to run dfkd in one")
     if size == 1:

@@ -198,12 +198,11 @@ class Synthesizer(ABC):
         state: leave every rank with the same state again. Here, each tensor of the state becomes its mean
         over the ranks that made a batch (for a shared generator, the batched form of the Reptile update:
         θ + ε · mean_r(θ'_r − θ)); a method whose state is not an average overrides this. A state without
-        tensors (DeepInversion) needs nothing, and a single process returns at once."""
+        tensors (DeepInversion) overrides this with nothing to do, and a single process returns at once. Every
+        rank takes part whatever its own state holds, since a rank that made no batch yet may hold less."""
         if not current_world().several:
             return
         state = self.state_dict()
-        if not state["tensors"]:
-            return
         self.load_state_dict({"tensors": mean_state(state["tensors"], made), "scalars": state["scalars"]})
 
 

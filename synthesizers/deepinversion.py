@@ -120,6 +120,9 @@ class DeepInversion(Synthesizer):
     def state_dict(self) -> SynthesizerState:
         return {"tensors": {}, "scalars": {"method": self.name}}
 
+    def merge_round(self, made: bool) -> None:
+        """Nothing to merge: every batch starts from its own seed alone."""
+
     def load_state_dict(self, state: SynthesizerState) -> None:
         self.check_method(state)
         if state.get("tensors"):

@@ -391,3 +391,17 @@ def test_a_recipe_runs_end_to_end_under_torchrun(tmp_path: Path, tiny_recipe_set
         _torchrun("run", str(RECIPES_DIR / "c10_wrn40_2-wrn16_1_fast.toml"), "--run-dir", "rounds"), tmp_path
     )
     assert "the interleaved mode" in interleaved.stderr and "runs in one process" in interleaved.stderr
+
+
+@pytest.mark.slow
+def test_a_refusal_inside_a_round_stops_every_rank_said_once_and_recorded_once(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    args = [*_synthesize_args(tiny_teacher, "deepinversion", 16), "--set", "bn_weight=1e38"]  # the loss overflows
+    failed = _launch(_torchrun(*args, "--run-dir", "nan"), tmp_path)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode != 0 and len(errors) == 1 and "non-finite loss" in errors[0], failed.stderr
+    (record,) = read_ledger(tmp_path / "nan" / "carbon.jsonl")
+    assert record["status"] == "interrupted" and record["distributed"]["world_size"] == 2
+    assert record["metering"]["ok"], "every rank handed its record over: none is missing"
+    assert not list((tmp_path / "nan").glob(".pending-*")) and audit_run(tmp_path / "nan") == []

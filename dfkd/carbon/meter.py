@@ -26,7 +26,7 @@ from dfkd.carbon.ledger import append_record, read_ledger
 from dfkd.carbon.sources import EnergyMeters
 from dfkd.collective import barrier, broadcast_object, gather_objects
 from dfkd.device import resolve_device
-from dfkd.distributed import current_world
+from dfkd.distributed import RankError, current_world
 from dfkd.errors import DfkdError
 from dfkd.files import atomic_write_json, package_versions, utc_now
 
@@ -208,10 +208,12 @@ def meter(
     snapshots = _Snapshots(write_snapshot, reported, carbon.flush_seconds)
     snapshots.start()
     error: str | None = None
+    together = False  # an error every rank of the job raised at one point (`dfkd.collective.agree`)
     try:
         yield outcome
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        together = isinstance(exc, RankError)
         raise
     finally:
         snapshots.stop()
@@ -223,13 +225,14 @@ def meter(
             append_record(ledger_path, record)
             pending.unlink(missing_ok=True)
         else:
-            _record_job(ledger_path, pending, record, failed=error is not None)
+            _record_job(ledger_path, pending, record, failed=error is not None and not together)
 
 
 def _record_job(ledger_path: Path, pending: Path, record: dict[str, Any], failed: bool) -> None:
     """Rank 0 appends the job's one record of the stage: the sum of every rank's, each rank's share listed.
 
-    After a clean stage the ranks hand their records over (a collective). After an error no rank waits for
+    After a clean stage, or an error every rank raised together, the ranks hand their records over (a
+    collective). After any other error no rank waits for
     the others (they may be gone): a failed rank leaves its final record as its snapshot, and rank 0
     combines its own with the snapshots the others left; a snapshot that arrives later is only deleted by
     `recover_pending`, since the job's record already names its start.

@@ -172,8 +172,16 @@ def _rank_checks(record: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
     job = record.get("distributed")
     if job is None:
         return []
+    missing = sum(
+        1 for failure in record["metering"]["failures"] if failure.endswith("left no record: its energy is missing")
+    )
     checks: list[tuple[str, Any, Any, str]] = [
-        ("distributed.world_size", job["world_size"], len(job["ranks"]), "the number of ranks it lists")
+        (
+            "distributed.world_size",
+            job["world_size"],
+            len(job["ranks"]) + missing,
+            "the ranks it lists and those its metering failures name as missing",
+        )
     ]
     for shares, what in ((job["ranks"], "ranks'"), (job["node_shares"], "nodes'")):
         for part in ENERGY_PARTS:

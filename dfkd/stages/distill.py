@@ -426,13 +426,20 @@ def kd_batch_loss(
     real_labels: bool,
 ) -> BatchLoss:
     """The KD loss of one augmented batch: the teacher's logits (no grad), a τ from `sampler` (appended to
-    `drawn` for the epoch's summary), and as hard targets the labels on real data, else the teacher's argmax."""
+    `drawn` for the epoch's summary), and as hard targets the labels on real data, else the teacher's argmax.
+
+    Under DDP a rank holds rows rank, rank + ranks, ... of the batch; a τ per image is drawn for the whole
+    batch and sliced the same way, so the batch has as many τ values as images, as in one process.
+    """
     loss_fn = get_loss(config.loss)
+    rank, ranks = current_world().rank, current_world().size
 
     def batch_loss(x: torch.Tensor, labels: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = teacher(x)
-        tau = sampler.sample(len(x))
+        tau = sampler.sample(len(x) * ranks)
+        if isinstance(tau, torch.Tensor) and ranks > 1:
+            tau = tau[rank::ranks]
         drawn.append(tau)
         if isinstance(tau, torch.Tensor):
             tau = tau.to(x.device, non_blocking=True)

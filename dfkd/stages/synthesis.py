@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ from dfkd.carbon.config import CarbonConfig
 from dfkd.carbon.flops import count_flops
 from dfkd.carbon.meter import recover_pending
 from dfkd.checkpoints import CheckpointMeta, load_checkpoint
-from dfkd.collective import all_sum, broadcast_object, from_primary, gather_objects
+from dfkd.collective import agree, all_sum, barrier, broadcast_object, from_primary, gather_objects
 from dfkd.config.overrides import apply_overrides, config_dict
 from dfkd.config.synthesis import SynthesisConfig
 from dfkd.device import (
@@ -263,8 +264,10 @@ def shard_tensors(
     batch: SynthesisBatch,
     targets: torch.Tensor,
     config_hash: str | None = None,
+    kept: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Shard `index`'s tensors (uint8 images, targets, logits, losses) and metadata; a non-finite loss is refused."""
+    """Shard `index`'s tensors (uint8 images, targets, logits, losses) and metadata; a non-finite loss is refused
+    (the message names the `kept` shards recorded before it: all before `index` in one process)."""
     images = (batch.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     tensors = {
         "images": images.cpu().contiguous(),
@@ -274,7 +277,8 @@ def shard_tensors(
     }
     if not torch.isfinite(tensors["losses"]).all():
         raise DfkdError(
-            f"synthesis batch {index} produced a non-finite loss: the {index} shards before it are kept; "
+            f"synthesis batch {index} produced a non-finite loss: the {index if kept is None else kept} shards before "
+            "it are kept; "
             "lower the method's lr with --set lr=..."
         )
     shard_meta = {
@@ -405,6 +409,7 @@ def synthesize_stage(
     synthetic = SyntheticSet(run)
     if start_shard:
         load_synthesizer_state(synthetic, synthesizer, start_shard - 1)
+    barrier()  # every rank has read the state's manifest entry before rank 0 rewrites the manifest
     if world.primary:
         run.update_manifest(
             stages={
@@ -435,53 +440,59 @@ def synthesize_stage(
                 f"{world.size * made / seconds:,.1f} images/s  {rate:,.0f} img-steps/s",
             )
 
+        def make_batch(index: int, count: int, kept: int) -> tuple[int, str, int] | None:
+            """Batch `index` (`count` images; none past the last batch) as a written shard: (index, sha256, count)."""
+            if not count:
+                return None
+            torch.manual_seed(config.seed * 1_000_003 + index)
+            targets = batch_targets(index, config.batch_size, count, meta.num_classes)
+            step_report = report_step if show_progress and world.primary else None
+            batch = synthesizer.synthesize(targets, progress=step_report)
+            tensors, shard_meta = shard_tensors(prepared, index, batch, targets, kept=kept)
+            return index, synthetic.write_shard_file(index, tensors, shard_meta), count
+
         for first in range(start_shard, prepared.num_batches, world.size):
             index = first + world.rank
-            written: tuple[int, str, int] | None = None
-            if index < prepared.num_batches:
-                count = prepared.batch_count(index)
-                torch.manual_seed(config.seed * 1_000_003 + index)
-                targets = batch_targets(index, config.batch_size, count, meta.num_classes)
-                step_report = report_step if show_progress and world.primary else None
-                batch = synthesizer.synthesize(targets, progress=step_report)
-                tensors, shard_meta = shard_tensors(prepared, index, batch, targets)
-                written = (index, synthetic.write_shard_file(index, tensors, shard_meta), count)
-                made += count
+            count = prepared.batch_count(index) if index < prepared.num_batches else 0
+            # A rank's refusal (a non-finite loss) stops every rank, not only its own.
+            written = agree(partial(make_batch, index, count, first))
+            made += count
             synthesizer.merge_round(made=written is not None)
             round_shards = [entry for entry in gather_objects(written) if entry is not None]
             if world.primary:
                 synthetic.record_shards([(i, digest) for i, digest, _ in round_shards], synthesizer.state_dict())
             progress.update(task, advance=sum(entry[2] for entry in round_shards))
     made = all_sum(made, device)
+
+    def finish() -> tuple[dict[str, Any], int]:
+        data = synthetic.load()
+        preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
+        quality = quality_figures(
+            data["images"],
+            data["targets"],
+            prepare_model(prepared.teacher, device, prepared.precision),
+            meta,
+            device,
+            config.quality_sample,
+            prepared.precision,
+        )
+        shards = synthetic.valid_shards()
+        run.update_manifest(
+            stages={"synthesis": {"quality": quality, "shards": len(shards), "images": len(data["images"])}}
+        )
+        return {"quality": quality, "preview": run.relative(preview), "shards": len(shards)}, len(data["images"])
+
+    # Rank 0 makes the preview and the figures while the others wait inside the stage, metered as its part.
+    result, images_total = from_primary(finish)
     work = {
         "images_made": made,
+        "images_total": images_total,
         "iterations": iterations,
         "image_steps": made * iterations,
         "seconds_in_loop": time.perf_counter() - started,
         **({"world_size": world.size} if world.several else {}),
     }
-    if not world.primary:
-        return StageReport(result={}, work=work)
-    data = synthetic.load()
-    preview = write_preview(run, data["images"], data["targets"], meta.num_classes)
-    quality = quality_figures(
-        data["images"],
-        data["targets"],
-        prepare_model(prepared.teacher, device, prepared.precision),
-        meta,
-        device,
-        config.quality_sample,
-        prepared.precision,
-    )
-    shards = synthetic.valid_shards()
-    run.update_manifest(
-        stages={"synthesis": {"quality": quality, "shards": len(shards), "images": len(data["images"])}}
-    )
-    return StageReport(
-        result={"quality": quality, "preview": run.relative(preview), "shards": len(shards)},
-        work={**work, "images_total": len(data["images"])},
-        flops_units=made * iterations,
-    )
+    return StageReport(result=result, work=work, flops_units=made * iterations)
 
 
 def build_synthesizer(prepared: PreparedSynthesis) -> Synthesizer:
