@@ -272,7 +272,10 @@ def test_a_rank_killed_mid_synthesis_is_recovered_and_the_set_finishes_with_anot
     assert pid is not None, "rank 1 not found"
     os.kill(pid, signal.SIGKILL)
     assert job.wait(timeout=120) != 0
-    assert len(list(run.glob(".pending-synthesis*.json"))) >= 1, "the ranks' snapshots are left to recover"
+    # Rank 0 either records the job at once (its collective failed when rank 1 died) or is stopped by torchrun
+    # first, leaving the ranks' snapshots for the next run to recover: one interrupted record either way.
+    recorded = read_ledger(run / "carbon.jsonl")
+    assert recorded or list(run.glob(".pending-synthesis*.json")), "the killed job's energy is kept"
     # resumed by one process: a world size of its own, the same images (DeepInversion keeps no state)
     finished = _single(*args, "--run", str(run), cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
