@@ -241,11 +241,11 @@ def _record_job(ledger_path: Path, pending: Path, record: dict[str, Any], failed
     if failed:
         atomic_write_json(pending, record)
         if world.primary:
-            peers = [snapshot for path, snapshot in _snapshots(ledger_path) if _same_run(snapshot, record)]
-            append_record(ledger_path, combine_ranks([record, *[p for p in peers if p["rank"]["rank"] != 0]]))
-            for path, snapshot in _snapshots(ledger_path):
-                if _same_run(snapshot, record):
-                    path.unlink(missing_ok=True)
+            peers = [(path, snapshot) for path, snapshot in _snapshots(ledger_path) if _same_run(snapshot, record)]
+            others = [snapshot for _, snapshot in peers if snapshot["rank"]["rank"] != 0]
+            append_record(ledger_path, combine_ranks([record, *others]))
+            for path, _ in peers:
+                path.unlink(missing_ok=True)
         return
     records = gather_objects(record)
     if world.primary:
@@ -267,9 +267,9 @@ def combine_ranks(records: list[dict[str, Any]]) -> dict[str, Any]:
     base = {key: value for key, value in records[0].items() if key != "rank"}
     world_size = int(records[0]["rank"]["world_size"])
 
-    def summed(key: str) -> dict[str, float | None]:
+    def summed(key: str, members: list[dict[str, Any]] = records) -> dict[str, float | None]:
         parts = (*PARTS, "total")
-        return {p: None if any(r[key][p] is None for r in records) else sum(r[key][p] for r in records) for p in parts}
+        return {p: None if any(r[key][p] is None for r in members) else sum(r[key][p] for r in members) for p in parts}
 
     def total(key: str) -> float | None:
         values = [r.get(key) for r in records]
@@ -289,10 +289,7 @@ def combine_ranks(records: list[dict[str, Any]]) -> dict[str, Any]:
         node["ranks"].append(r["rank"]["rank"])
     for node in nodes.values():
         members = [r for r in records if r["rank"]["node"] == node["node"]]
-        node["energy_kwh"] = {
-            p: None if any(r["energy_kwh"][p] is None for r in members) else sum(r["energy_kwh"][p] for r in members)
-            for p in (*PARTS, "total")
-        }
+        node["energy_kwh"] = summed("energy_kwh", members)
     return {
         **base,
         "status": interrupted["status"] if interrupted else "complete",
